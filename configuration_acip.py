@@ -1,0 +1,68 @@
+"""Configuration of an ACIP model: the base causal LM's own config plus every number that shapes the ACIP layers.
+
+A checkpoint rebuilds from ``config.json`` alone: the base model's config is nested (``text_config``), the
+parametrized layers are listed by name, and a compressed model records the rank of each factorized layer and which
+layers went back to dense. Loading never needs the base model's repository.
+
+This file is part of the Hub payload: it imports only transformers.
+"""
+
+from transformers import AutoConfig, PretrainedConfig
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_acip.ACIPConfig",
+    "AutoModel": "modeling_acip.ACIPModel",
+    "AutoModelForCausalLM": "modeling_acip.ACIPModel",
+}
+
+
+class ACIPConfig(PretrainedConfig):
+    """Configuration for :class:`ACIPModel`: a base causal LM whose linear layers are SVD-parametrized.
+
+    Args:
+        text_config: config of the base causal LM (a config object or its dict); named ``text_config`` because
+            generation looks the decoder's config up under that name.
+        target_modules: names of the parametrized linear layers, relative to the base LM
+            (e.g. ``"model.layers.0.self_attn.q_proj"``).
+        mask_constant: the value ``c`` of a live mask entry; the output factor holds ``U / c``.
+        compressed: whether ``compress()`` has sliced the layers to their kept ranks.
+        layer_ranks: for a compressed model, the rank of each target layer that stayed factorized.
+        dense_modules: for a compressed model, the target layers stored as dense ``nn.Linear`` again.
+        base_model_name_or_path: where the base model came from (informational; never loaded).
+    """
+
+    model_type = "acip"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict | None = None,
+        target_modules: list[str] | None = None,
+        mask_constant: float = 2e-2,
+        compressed: bool = False,
+        layer_ranks: dict[str, int] | None = None,
+        dense_modules: list[str] | None = None,
+        base_model_name_or_path: str | None = None,
+        **kwargs,
+    ):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        self.text_config = text_config
+        self.target_modules = list(target_modules or [])
+        self.mask_constant = float(mask_constant)
+        self.compressed = bool(compressed)
+        self.layer_ranks = {name: int(rank) for name, rank in (layer_ranks or {}).items()}
+        self.dense_modules = list(dense_modules or [])
+        self.base_model_name_or_path = base_model_name_or_path
+        if not self.mask_constant > 0:
+            raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
+        if self.compressed:
+            listed = set(self.layer_ranks) | set(self.dense_modules)
+            if listed != set(self.target_modules) or set(self.layer_ranks) & set(self.dense_modules):
+                raise ValueError(
+                    "a compressed ACIPConfig must list every target module exactly once, "
+                    "either in layer_ranks or in dense_modules"
+                )
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)

@@ -1,0 +1,61 @@
+"""The three Hub files: self-contained, one copy, and loadable through remote code without the acip package."""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import acip
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py")
+ALLOWED = {"torch", "transformers", "peft", "safetensors", "bitsandbytes"}
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _imports(path: pathlib.Path):
+    """(module, relative level, inside try/except ImportError) for every import statement of a file."""
+    tree = ast.parse(path.read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in node.handlers
+        ):
+            guarded.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, 0, id(node) in guarded
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or "", node.level, id(node) in guarded
+
+
+def test_hub_files_import_only_what_a_hub_user_has():
+    for name in HUB_FILES:
+        for module, level, guarded in _imports(ROOT / name):
+            top = module.split(".")[0]
+            if level:  # relative: only the sibling Hub files, in the `from .x import y` form the loader finds
+                assert f"{module}.py" in HUB_FILES, (name, module)
+            elif top == "bitsandbytes":
+                assert guarded, f"{name}: bitsandbytes is optional and must be imported under try/except ImportError"
+            else:
+                assert top in ALLOWED or top in STDLIB, (name, module)
+
+
+def test_one_copy_of_the_hub_files():
+    for name in HUB_FILES:
+        copies = [p for p in ROOT.rglob(name) if ".venv" not in p.parts and "build" not in p.parts]
+        assert copies == [ROOT / name], copies
+    assert pathlib.Path(acip.hub.modeling_acip.__file__).name == "modeling_acip.py"
+
+
+def test_saved_folder_loads_without_acip(tmp_path):
+    script = ROOT / "tests" / "hub_load_check.py"
+    subprocess.run([sys.executable, str(script), "save", str(tmp_path)], check=True, capture_output=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(script), "check", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,386 @@
+"""ACIPModel on tiny Llama / Qwen2 / Mistral models: pruning, compression, quantization, saving, loading, peft."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_acip_model, tiny_base_model, tiny_tokenizer, token_ids
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, pipeline
+
+from acip import ACIPModel, LowRankLinear, SVDLinear
+from acip.hub.modeling_acip import find_target_modules
+
+
+def logits(model, ids=None):
+    with torch.no_grad():
+        return model(token_ids() if ids is None else ids).logits
+
+
+def kept_sets(model):
+    return {name: layer.kept.clone() for name, layer in model.acip_layers().items()}
+
+
+def masks(model):
+    return {name: layer.mask.detach().clone() for name, layer in model.acip_layers().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exactness, revertibility, nestedness, target accuracy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_ratio_one_reproduces_the_base_model(kind):
+    base = tiny_base_model(kind)
+    expected = logits(base)
+    model = tiny_acip_model(kind)
+    assert all(isinstance(layer, SVDLinear) for layer in model.acip_layers().values())
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    model.prune_model_by_score(0.5)
+    assert (logits(model) - expected).abs().max() > 1e-3  # pruning really changed something
+    model.prune_model_by_score(1.0)
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    assert model.get_size_ratio() == 1.0
+
+
+def test_targets_every_linear_layer_but_the_head(kind):
+    model = tiny_acip_model(kind)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert len(model.config.target_modules) == 7 * n_layers
+    assert "lm_head" not in " ".join(model.config.target_modules)
+
+
+def test_pruning_is_nested(kind):
+    model = tiny_acip_model(kind)
+    sets = [kept_sets(model.prune_model_by_score(r)) for r in (0.4, 0.6, 0.8)]
+    for smaller, larger in zip(sets, sets[1:]):
+        for name in smaller:
+            assert not (smaller[name] & ~larger[name]).any(), name
+        assert sum(int(s.sum()) for s in smaller.values()) < sum(int(s.sum()) for s in larger.values())
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_pruning_hits_the_target_from_above(kind, full):
+    model = tiny_acip_model(kind)
+    widths = [layer.in_features + layer.out_features for layer in model.acip_layers().values()]
+    total = model._original_num_params() + (model._other_num_params() if full else 0)
+    for ratio in (0.35, 0.5, 0.65, 0.8, 0.95):
+        achieved = model.prune_model_by_score(ratio, full=full).get_size_ratio(full=full)
+        assert achieved >= ratio
+        assert (achieved - ratio) * total < max(widths)  # within one rank of the target
+
+
+def test_size_ratio_alias_and_return_value(kind):
+    model = tiny_acip_model(kind)
+    assert model.prune_model_by_score(size_ratio=0.6) is model
+    by_alias = kept_sets(model)
+    model.prune_model_by_score(compression_ratio=0.6, size_ratio=0.6)
+    assert all(torch.equal(by_alias[n], s) for n, s in kept_sets(model).items())
+
+
+def test_untrained_scores_truncate_every_layer_alike():
+    model = tiny_acip_model("llama", random_scores=False)
+    model.prune_model_by_score(0.5)
+    fractions = [float(layer.kept.float().mean()) for layer in model.acip_layers().values()]
+    assert max(fractions) - min(fractions) < 0.15
+
+
+def test_score_map_assignment_is_checked_before_writing():
+    model = tiny_acip_model("llama")
+    before = {n: s.clone() for n, s in model.score_map.items()}
+    name = next(iter(before))
+    good = torch.zeros_like(before[name])
+    with pytest.raises(ValueError, match="shape"):
+        model.score_map = {name: good, list(before)[1]: torch.zeros(3)}
+    with pytest.raises(KeyError):
+        model.score_map = {name: good, "no.such.layer": good}
+    with pytest.raises(ValueError, match="NaN"):
+        model.score_map = {name: torch.full_like(good, math.nan)}
+    assert all(torch.equal(before[n], s) for n, s in model.score_map.items())
+    model.score_map = {name: good}
+    assert torch.equal(model.score_map[name], good)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compress, save, load
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_compress_matches_pruned_model_and_reloads_at_compressed_size(kind, tmp_path):
+    model = tiny_acip_model(kind)
+    model.prune_model_by_score(0.5)
+    pruned = logits(model)
+    predicted = model.get_num_params(full=True)
+    ratio = model.get_size_ratio()
+    assert model.compress() is model
+    torch.testing.assert_close(logits(model), pruned, atol=1e-4, rtol=0)
+    assert sum(p.numel() for p in model.parameters()) == predicted
+    assert model.get_size_ratio() == pytest.approx(ratio)
+    assert not any(isinstance(m, SVDLinear) for m in model.modules())
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["compressed"] is True
+    assert set(config["layer_ranks"]) | set(config["dense_modules"]) == set(config["target_modules"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == predicted
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=0, rtol=0)
+
+
+def test_compressed_folder_is_smaller_on_disk(tmp_path):
+    model = tiny_acip_model("qwen2")
+    model.save_pretrained(tmp_path / "full")
+    model.prune_model_by_score(0.4).compress().save_pretrained(tmp_path / "small")
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    small = (tmp_path / "small" / "model.safetensors").stat().st_size
+    assert small < 0.75 * full
+
+
+def test_full_model_round_trip_keeps_scores_and_prunes_alike(tmp_path):
+    model = tiny_acip_model("mistral")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, ACIPModel)
+    for name, score in model.score_map.items():
+        assert torch.equal(reloaded.score_map[name], score)
+    for ratio in (0.45, 0.7):
+        torch.testing.assert_close(
+            logits(reloaded.prune_model_by_score(ratio)), logits(model.prune_model_by_score(ratio)), atol=0, rtol=0
+        )
+
+
+def test_save_writes_the_hub_files_and_auto_map(tmp_path):
+    tiny_acip_model("llama").save_pretrained(tmp_path)
+    for name in ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "config.json", "model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_acip.ACIPConfig",
+        "AutoModel": "modeling_acip.ACIPModel",
+        "AutoModelForCausalLM": "modeling_acip.ACIPModel",
+    }
+    assert config["model_type"] == "acip" and config["text_config"]["model_type"] == "llama"
+
+
+def test_bf16_load_keeps_masks_and_scores_float32(tmp_path):
+    model = tiny_acip_model("llama")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    layer = next(iter(reloaded.acip_layers().values()))
+    assert layer.sv.weight.dtype == torch.bfloat16
+    assert layer.mask.dtype == layer.score.dtype == torch.float32
+    assert torch.equal(layer.score, next(iter(model.acip_layers().values())).score)
+
+
+def test_text_generation_pipeline():
+    model = tiny_acip_model("llama").prune_model_by_score(0.6)
+    generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer())
+    out = generator("w5 w6 w7", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("w5 w6 w7")
+    assert generator("w5 w6 w7", max_new_tokens=4, do_sample=False) == out
+
+
+def test_generate_matches_the_base_model():
+    base = tiny_base_model("llama")
+    ids = token_ids(1, 6)
+    expected = base.generate(ids, max_new_tokens=6, do_sample=False)
+    model = tiny_acip_model("llama")
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_sdpa_attention_is_accepted(tmp_path):
+    tiny_acip_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert model.model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantization (bitsandbytes, CPU here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_compressed_model(quant_type, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_acip_model("llama").prune_model_by_score(0.6).compress()
+    reference, size = logits(model), _weight_bytes(model)
+    assert model.quantize(quant_type=quant_type) is model
+    quantized = logits(model)
+    error = float((quantized - reference).norm() / reference.norm())
+    print(f"\n{quant_type} relative logit error: {error:.4f}")
+    assert error < 0.2
+    assert _weight_bytes(model) < 0.6 * size
+    assert model.get_size_ratio() == pytest.approx(0.6, abs=0.01)  # counts logical parameters
+    layer = model.acip_layers()["model.layers.0.self_attn.q_proj"]
+    assert type(layer.sv).__name__ == "Linear4bit" and not layer.sv.support_avx512bf16_for_cpu
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), quantized, atol=1e-5, rtol=0)
+    assert all(
+        not m.support_avx512bf16_for_cpu for m in reloaded.modules() if type(m).__name__ == "Linear4bit"
+    )
+
+
+def test_quantized_prunable_model_still_prunes():
+    pytest.importorskip("bitsandbytes")
+    model = tiny_acip_model("llama").quantize()
+    at_full = logits(model)
+    model.prune_model_by_score(0.5)
+    assert (logits(model) - at_full).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="quantiz"):
+        model.compress()
+
+
+def test_quantize_errors_leave_the_model_alone(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_acip_model("llama").prune_model_by_score(0.5).compress()
+    with pytest.raises(ValueError, match="quant_type"):
+        model.quantize(quant_type="int3")
+    assert getattr(model.config, "quantization_config", None) is None
+    model.quantize()
+    with pytest.raises(RuntimeError, match="already quantized"):
+        model.quantize()
+    import acip.hub.modeling_acip as modeling
+
+    monkeypatch.setattr(modeling, "bnb", None)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        tiny_acip_model("llama").quantize()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# peft on the compressed model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_on_compressed_model_trains_and_merges():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_acip_model("qwen2").prune_model_by_score(0.5).compress()
+    ids = token_ids(4, 16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    names = [n for n, _ in peft_model.named_modules() if n.endswith("q_proj.sv.lora_A")]
+    assert names, "peft all-linear should reach the factor layers"
+    before = logits(peft_model, ids)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    trained = logits(peft_model, ids)
+    assert (trained - before).abs().max() > 1e-4
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, ACIPModel)
+    assert not any("lora" in n for n, _ in merged.named_modules())
+    torch.testing.assert_close(logits(merged, ids), trained, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear exception, and the model as it was
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"compression_ratio": -0.1}, ValueError, r"\[0, 1\]"),
+        ({"compression_ratio": 1.5}, ValueError, r"\[0, 1\]"),
+        ({"compression_ratio": math.nan}, ValueError, r"\[0, 1\]"),
+        ({"compression_ratio": "0.5"}, TypeError, "number"),
+        ({"compression_ratio": True}, TypeError, "number"),
+        ({"size_ratio": -1}, ValueError, "size_ratio"),
+        ({"compression_ratio": 0.5, "size_ratio": 0.4}, ValueError, "disagree"),
+        ({}, TypeError, "compression_ratio"),
+        ({"compression_ratio": 0.01, "full": True}, ValueError, "full=True"),
+    ],
+)
+def test_bad_ratios_raise_and_change_nothing(kwargs, error, match):
+    model = tiny_acip_model("llama").prune_model_by_score(0.7)
+    before = masks(model)
+    with pytest.raises(error, match=match):
+        model.prune_model_by_score(**kwargs)
+    assert all(torch.equal(before[n], m) for n, m in masks(model).items())
+
+
+def test_prune_and_compress_after_compress_raise():
+    model = tiny_acip_model("llama").prune_model_by_score(0.5).compress()
+    before = logits(model)
+    with pytest.raises(RuntimeError, match="compressed"):
+        model.prune_model_by_score(0.7)
+    with pytest.raises(RuntimeError, match="compressed"):
+        model.compress()
+    with pytest.raises(RuntimeError, match="compressed"):
+        model.score_map
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+def test_compress_refuses_unmerged_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_acip_model("llama")
+    get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(RuntimeError, match="merge"):
+        model.compress()
+    assert all(isinstance(layer, SVDLinear) for layer in model.acip_layers().values())
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_checkpoint_disagreeing_with_config_ranks_is_an_error(tmp_path):
+    model = tiny_acip_model("llama").prune_model_by_score(0.5).compress()
+    model.save_pretrained(tmp_path)
+    name = next(iter(model.config.layer_ranks))
+
+    def bump(config):
+        config["layer_ranks"][name] += 1
+
+    _edit_config(tmp_path, bump)
+    with pytest.raises(ValueError, match="do not match the shapes config.json gives"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mismatched"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_checkpoint_missing_a_tensor_is_an_error(tmp_path):
+    model = tiny_acip_model("llama").prune_model_by_score(0.5).compress()
+    model.save_pretrained(tmp_path)
+    name = next(iter(model.config.layer_ranks))
+
+    def as_dense(config):  # the config now promises a dense weight the checkpoint does not hold
+        del config["layer_ranks"][name]
+        config["dense_modules"].append(name)
+
+    _edit_config(tmp_path, as_dense)
+    with pytest.raises(ValueError, match="missing"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_target_module_selection():
+    base = tiny_base_model("llama")
+    assert find_target_modules(base, ["q_proj", "v_proj"]) == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
+    assert len(find_target_modules(base, r".*\.mlp\..*")) == 6
+    assert len(find_target_modules(base, exclude_modules=["down_proj"])) == 12
+    with pytest.raises(ValueError, match="no linear layer"):
+        find_target_modules(base, ["nonexistent"])
+    model = ACIPModel.from_base_model(tiny_base_model("llama"), target_modules=["gate_proj"])
+    assert isinstance(model.acip_layers()["model.layers.1.mlp.gate_proj"], SVDLinear)
+    assert type(model.model.model.layers[1].mlp.up_proj) is nn.Linear
+
+
+def test_compressed_layers_are_plain_modules():
+    model = tiny_acip_model("llama").prune_model_by_score(0.3).compress()
+    kinds = {type(layer) for layer in model.acip_layers().values()}
+    assert kinds <= {LowRankLinear, nn.Linear} and LowRankLinear in kinds

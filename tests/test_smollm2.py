@@ -1,0 +1,65 @@
+"""Integration: the core on the embedded SmolLM2-135M (210 linear layers), end to end on the CPU."""
+
+import copy
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from acip import ACIPModel
+from acip.default_model import load_default_model
+
+TEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built for the 1889 World's Fair and"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    base, tokenizer = load_default_model()
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = base(ids).logits
+    start = time.perf_counter()
+    model = ACIPModel.from_base_model(base).eval()
+    print(f"\nparametrized {len(model.config.target_modules)} layers in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer, ids, reference
+
+
+def test_parametrized_smollm2_is_the_base_model(smollm2):
+    model, tokenizer, ids, reference = smollm2
+    assert len(model.config.target_modules) == 210
+    assert model.config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert (logits - reference).abs().max() < 2e-3
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+def test_smollm2_compresses_saves_and_quantizes(smollm2, tmp_path):
+    model, tokenizer, ids, reference = smollm2
+    model = copy.deepcopy(model).prune_model_by_score(0.6)
+    with torch.no_grad():
+        pruned = model(ids).logits
+    model.compress()
+    with torch.no_grad():
+        compressed = model(ids).logits
+    torch.testing.assert_close(compressed, pruned, atol=5e-3, rtol=0)  # fp32 rounding of the sliced factors
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == model.get_num_params(full=True)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == n_params
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, compressed, atol=0, rtol=0)
+
+
+def test_smollm2_quantized_to_4_bits(smollm2):
+    pytest.importorskip("bitsandbytes")
+    model, tokenizer, ids, reference = smollm2
+    dense = copy.deepcopy(model).prune_model_by_score(1.0).compress()  # every layer back to dense
+    with torch.no_grad():
+        loss = float(dense(ids, labels=ids).loss)
+        quantized = float(dense.quantize()(ids, labels=ids).loss)
+    print(f"\nSmolLM2 next-token loss on a sentence: fp32 {loss:.3f}, nf4 {quantized:.3f}")
+    assert quantized < loss + 0.5
