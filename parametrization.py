@@ -152,8 +152,25 @@ class SVDLinear(LowRankLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``u(mask_value ⊙ sv(x))``; pruned singular values contribute nothing."""
+        kept = self._pruned_index() if self._can_skip_pruned() else None
+        if kept is not None:
+            # Without gradients a pruned rank is pure waste: compute the kept ones only, as compress() would.
+            h = F.linear(x, self.sv.weight[kept]) * self.mask_constant  # (..., r)
+            return F.linear(h, self.u.weight[:, kept], self.u.bias)
         h = self.sv(x)  # (..., k)
         return self.u(h * self.mask_value().to(h.dtype))
+
+    def _can_skip_pruned(self) -> bool:
+        # Only plain factors: adapters (peft) or quantized layers around them must see the full rank.
+        return not torch.is_grad_enabled() and type(self.sv) is nn.Linear and type(self.u) is nn.Linear
+
+    def _pruned_index(self) -> torch.Tensor | None:
+        """Indices of the kept ranks, or None when nothing is pruned; cached until the mask changes."""
+        version = (self.mask._version, self.mask.data_ptr())
+        if getattr(self, "_kept_cache", (None,))[0] != version:
+            keep = self.mask.detach() > 0
+            self._kept_cache = (version, None if bool(keep.all()) else torch.nonzero(keep).squeeze(1))
+        return self._kept_cache[1]
 
     @property
     def kept(self) -> torch.Tensor:

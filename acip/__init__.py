@@ -5,11 +5,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel
 from .hub.parametrization import LowRankLinear, SVDLinear, plan_pruning
+from .training import ACIPRunConfig, preset, run_acip
 
 # With acip imported, AutoModel & co. resolve saved ACIP folders to these classes even without trust_remote_code.
 AutoConfig.register("acip", ACIPConfig, exist_ok=True)
 AutoModel.register(ACIPConfig, ACIPModel, exist_ok=True)
 AutoModelForCausalLM.register(ACIPConfig, ACIPModel, exist_ok=True)
 
-__all__ = ["ACIPConfig", "ACIPModel", "LowRankLinear", "SVDLinear", "plan_pruning"]
+__all__ = [
+    "ACIPConfig", "ACIPModel", "ACIPRunConfig", "LowRankLinear", "SVDLinear", "plan_pruning", "preset", "run_acip",
+]
 __version__ = "0.1.0"

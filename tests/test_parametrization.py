@@ -72,6 +72,24 @@ def test_set_kept_is_revertible_and_compressed_matches():
     torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
+def test_no_grad_forward_computes_only_the_kept_ranks(monkeypatch):
+    layer = SVDLinear.from_linear(_dense())
+    x = torch.randn(2, 3, 24)
+    for keep_first in (24, 10, 3, 0):
+        layer.set_kept(torch.arange(24) < keep_first)
+        masked = layer(x)  # with gradients: the full-rank, masked computation
+        with torch.no_grad():
+            sliced = layer(x)
+        torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    layer.set_kept(torch.arange(24) < 7)
+    shapes = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: shapes.append(w.shape) or original(x, w, b))
+    with torch.no_grad():
+        layer(x)
+    assert shapes == [(7, 24), (40, 7)]
+
+
 def test_compressed_goes_dense_when_factors_are_not_smaller():
     dense = _dense(24, 40)
     layer = SVDLinear.from_linear(dense)

@@ -1,6 +1,8 @@
 """Integration: the core on the embedded SmolLM2-135M (210 linear layers), end to end on the CPU."""
 
 import copy
+import json
+import math
 import time
 
 import pytest
@@ -63,3 +65,27 @@ def test_smollm2_quantized_to_4_bits(smollm2):
         quantized = float(dense.quantize()(ids, labels=ids).loss)
     print(f"\nSmolLM2 next-token loss on a sentence: fp32 {loss:.3f}, nf4 {quantized:.3f}")
     assert quantized < loss + 0.5
+
+
+def test_a_few_acip_steps_on_smollm2_save_a_prunable_model(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("mwparserfromhell")
+    from acip.training import preset, run_acip
+
+    base, tokenizer = load_default_model()
+    config = preset("quick", block_size=64, batch_size=2, max_steps=3, post_tune_steps=1, checkpoint_every=2)
+    run_acip(config, tmp_path / "run", base_model=base, tokenizer=tokenizer)
+
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["prune"] * 3 + ["post-tune"]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in log)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # removed once the model is saved
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
+    scores = torch.cat(list(model.score_map.values()))
+    assert scores.numel() == sum(layer.rank for layer in model.acip_layers().values())
+    assert (scores > 0).all()  # three steps at lr 5e-4 cannot kill a mask that starts at 2e-2
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = float(model.prune_model_by_score(0.8)(ids, labels=ids).loss)
+    assert model.get_size_ratio() >= 0.8 and math.isfinite(loss)

@@ -1,0 +1,121 @@
+"""Computing only the ranks still alive: while ACIP trains, dead singular values are sliced out of the SVD layers
+(factors, LoRA adapters on the factors, masks and their optimizer state), so steps get cheaper as masks die; at the
+end they are put back exactly, giving the full prunable model again.
+
+A mask that reaches zero stays dead in practice: the straight-through gradient is zero there and Adam's momentum keeps
+pushing it down, so dropping it changes nothing but the cost of a step.
+"""
+
+import torch
+from torch import nn
+
+from .hub.parametrization import SVDLinear
+
+
+def _base(module: nn.Module) -> nn.Linear:
+    """The frozen nn.Linear inside a factor, whether or not peft wrapped it with LoRA."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def rank_slots(layer: SVDLinear) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, tensor, dim) of every tensor of ``layer`` that has a rank dimension."""
+    slots = [("mask", layer.mask, 0), ("sv.weight", _base(layer.sv).weight, 0), ("u.weight", _base(layer.u).weight, 1)]
+    for adapter, lora_b in getattr(layer.sv, "lora_B", {}).items():  # LoRA on sv: its B has a row per rank
+        slots.append((f"sv.lora_B.{adapter}.weight", lora_b.weight, 0))
+        if lora_b.bias is not None:
+            slots.append((f"sv.lora_B.{adapter}.bias", lora_b.bias, 0))
+    for adapter, lora_a in getattr(layer.u, "lora_A", {}).items():  # LoRA on u: its A has a column per rank
+        slots.append((f"u.lora_A.{adapter}.weight", lora_a.weight, 1))
+    return slots
+
+
+def _set_rank(layer: SVDLinear, rank: int) -> None:
+    """Update the feature counts that describe the rank dimension (peft reads them when merging)."""
+    for module in (layer.sv, _base(layer.sv), *getattr(layer.sv, "lora_B", {}).values()):
+        module.out_features = rank
+    for module in (layer.u, _base(layer.u), *getattr(layer.u, "lora_A", {}).values()):
+        module.in_features = rank
+
+
+class RankCompactor:
+    """Slices dead ranks out of SVD layers during training and restores them afterwards.
+
+    Args:
+        layers: the SVD layers by name (LoRA adapters on their factors, if any, are handled too).
+        optimizer: the optimizer over masks and LoRA weights; its per-parameter state is sliced alongside.
+        min_dead_fraction: compact a layer once this fraction of its computed ranks is dead (each compaction
+            reallocates the layer's tensors, so it is not done for every single death).
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer, min_dead_fraction=0.05):
+        self.layers = layers
+        self.optimizer = optimizer
+        self.min_dead_fraction = min_dead_fraction
+        self.full_rank = {name: layer.rank for name, layer in layers.items()}
+        self.alive = {name: torch.arange(layer.rank) for name, layer in layers.items()}  # computed rank positions
+        self.stash: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {name: {} for name in layers}
+
+    def computed_fraction(self) -> float:
+        """Ranks still computed / all ranks."""
+        return sum(a.numel() for a in self.alive.values()) / sum(self.full_rank.values())
+
+    @torch.no_grad()
+    def compact(self, name: str, keep: torch.Tensor) -> None:
+        """Drop the computed ranks of layer ``name`` where ``keep`` (over its computed ranks) is False."""
+        layer = self.layers[name]
+        kept = torch.nonzero(keep.cpu()).squeeze(1)
+        dropped = torch.nonzero(~keep.cpu()).squeeze(1)
+        if dropped.numel() == 0:
+            return
+        for key, tensor, dim in rank_slots(layer):
+            dead_values = tensor.data.index_select(dim, dropped.to(tensor.device)).cpu()  # CPU: frees accelerator memory
+            self.stash[name].setdefault(key, []).append((self.alive[name][dropped], dead_values))
+            self._slice(tensor, dim, kept.to(tensor.device))
+        self.alive[name] = self.alive[name][kept]
+        _set_rank(layer, kept.numel())
+
+    def _slice(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Keep ``index`` along ``dim`` of a parameter, and of its optimizer state."""
+        old_shape = tensor.shape
+        tensor.data = tensor.data.index_select(dim, index)
+        tensor.grad = None
+        for value in self.optimizer.state.get(tensor, {}).values():
+            if torch.is_tensor(value) and value.shape == old_shape:
+                value.data = value.data.index_select(dim, index)
+
+    def compact_dead(self, force: bool = False) -> int:
+        """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold; returns how many."""
+        compacted = 0
+        for name, layer in self.layers.items():
+            dead = layer.mask.detach() <= 0
+            n_dead = int(dead.sum())
+            if n_dead and (force or n_dead >= max(1, self.min_dead_fraction * dead.numel())):
+                self.compact(name, ~dead)
+                compacted += 1
+        return compacted
+
+    @torch.no_grad()
+    def full(self, name: str) -> dict[str, torch.Tensor]:
+        """Full-rank copies of every rank-indexed tensor of layer ``name``: computed part plus stashed part."""
+        out = {}
+        for key, tensor, dim in rank_slots(self.layers[name]):
+            shape = list(tensor.shape)
+            shape[dim] = self.full_rank[name]
+            whole = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+            whole.index_copy_(dim, self.alive[name].to(tensor.device), tensor.data)
+            for positions, values in self.stash[name].get(key, []):
+                whole.index_copy_(dim, positions.to(tensor.device), values.to(tensor.device))
+            out[key] = whole
+        return out
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every layer back at full rank, exactly as if nothing had been dropped (optimizer state is not kept)."""
+        for name, layer in self.layers.items():
+            whole = self.full(name)
+            for key, tensor, _ in rank_slots(layer):
+                tensor.data = whole[key]
+                self.optimizer.state.pop(tensor, None)
+            _set_rank(layer, self.full_rank[name])
+            self.alive[name] = torch.arange(self.full_rank[name])
+            self.stash[name] = {}

@@ -1,0 +1,78 @@
+"""Slicing dead ranks out of SVD layers during training, and putting them back exactly (acip/compaction.py)."""
+
+import torch
+from conftest import tiny_acip_model, token_ids
+from peft import LoraConfig, get_peft_model
+
+from acip.compaction import RankCompactor, rank_slots
+
+
+def _lora_model():
+    model = tiny_acip_model("qwen2")
+    model.requires_grad_(False)
+    layers = model.acip_layers()
+    factors = [f"model.{name}.{part}" for name in layers for part in ("sv", "u")]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=factors, init_lora_weights=False))
+    peft_model.eval()
+    for layer in layers.values():
+        layer.mask.requires_grad_(True)
+    params = [layer.mask for layer in layers.values()] + [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    return model, peft_model, layers, torch.optim.AdamW(params, lr=1e-3)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(token_ids()).logits
+
+
+def test_compacted_model_computes_the_same_and_restores_exactly():
+    model, peft_model, layers, optimizer = _lora_model()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():  # kill about half of every layer's masks
+            layer.mask.copy_(torch.where(torch.rand(layer.rank, generator=generator) < 0.5, -0.01, 0.02))
+    # One step so that the optimizer holds state to be sliced along.
+    peft_model(input_ids=token_ids(), labels=token_ids()).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    before = {name: {k: t.detach().clone() for k, t, _ in rank_slots(layer)} for name, layer in layers.items()}
+    reference = _logits(peft_model)
+
+    compactor = RankCompactor(layers, optimizer)
+    assert compactor.compact_dead() == len(layers)
+    assert 0.3 < compactor.computed_fraction() < 0.7
+    for layer in layers.values():
+        assert layer.rank == layer.mask.numel() == layer.sv.out_features == layer.u.in_features
+        assert bool((layer.mask > 0).all())
+        for value in optimizer.state[layer.mask].values():
+            assert value.dim() == 0 or value.shape == layer.mask.shape
+    torch.testing.assert_close(_logits(peft_model), reference, atol=1e-5, rtol=0)
+
+    # A further step runs on the small shapes.
+    peft_model(input_ids=token_ids(), labels=token_ids()).loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+
+    compactor.restore()
+    for name, layer in layers.items():
+        for key, tensor, _ in rank_slots(layer):
+            assert torch.equal(tensor, before[name][key]), (name, key)
+    torch.testing.assert_close(_logits(peft_model), reference, atol=0, rtol=0)
+    merged = peft_model.merge_and_unload()
+    assert merged.acip_layers()["model.layers.0.self_attn.q_proj"].rank == 48
+
+
+def test_full_view_matches_restore():
+    model, peft_model, layers, optimizer = _lora_model()
+    compactor = RankCompactor(layers, optimizer)
+    name, layer = next(iter(layers.items()))
+    keep = torch.ones(layer.rank, dtype=torch.bool)
+    keep[[1, 4, 9]] = False
+    compactor.compact(name, keep)
+    keep = torch.ones(layer.rank, dtype=torch.bool)
+    keep[[0, 2]] = False  # positions among the remaining ranks: full positions 0 and 3
+    compactor.compact(name, keep)
+    assert compactor.alive[name][:4].tolist() == [2, 5, 6, 7]
+    full = compactor.full(name)
+    compactor.restore()
+    for key, tensor, _ in rank_slots(layer):
+        assert torch.equal(full[key], tensor)

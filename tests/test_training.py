@@ -1,0 +1,151 @@
+"""The ACIP run on a tiny model: reaching the stop ratio, the score map, resume, and clear errors (acip/training.py)."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_base_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import acip.training as training
+from acip import ACIPModel
+from acip.training import ACIPRunConfig, ACIPTrainer, run_acip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text file of random words from the tiny tokenizer's vocabulary."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    path.write_text(" ".join(f"w{rng.randint(3, 95)}" for _ in range(6000)))
+    return str(path)
+
+
+def tiny_config(corpus, **overrides) -> ACIPRunConfig:
+    settings = dict(
+        data=corpus, block_size=32, batch_size=4, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1,
+        stop_ratio=0.5, post_tune_steps=3, max_steps=200, checkpoint_every=0, lora_r=4, lora_alpha=8,
+    )
+    return ACIPRunConfig(**{**settings, **overrides})
+
+
+def run_tiny(config, output_dir, **kwargs):
+    return run_acip(config, output_dir, base_model=tiny_base_model("llama"), tokenizer=tiny_tokenizer(), **kwargs)
+
+
+def test_tiny_run_reaches_the_stop_ratio_and_orders_scores_by_death(corpus, tmp_path, monkeypatch):
+    # Record, after every step, the full-size masks, to find when each value died.
+    history = []
+    original = training._update_scores
+
+    def recording(scores, alive, mask):
+        original(scores, alive, mask)
+        full = torch.full_like(scores, -1.0)  # not computed any more: dead before
+        full[alive] = mask.detach().float()
+        history.append(full)
+
+    monkeypatch.setattr(training, "_update_scores", recording)
+    model = run_tiny(tiny_config(corpus), tmp_path / "run")
+
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    pruning = [r for r in log if r["phase"] == "prune"]
+    assert pruning[-1]["size_ratio"] <= 0.5 < pruning[-2]["size_ratio"]
+    assert [r["phase"] for r in log].count("post-tune") == 3
+    assert pruning[-1]["computed_ranks"] < pruning[0]["computed_ranks"] == 1.0  # dead ranks stopped costing
+
+    n_layers = len(model.config.target_modules)
+    steps = len(history) // n_layers
+    scores = torch.cat(list(model.score_map.values()))
+    masks = torch.stack([torch.cat(history[s * n_layers : (s + 1) * n_layers]) for s in range(steps)])  # (steps, n)
+    dead = masks[-1] <= 0
+    assert dead.any() and (~dead).any()
+    assert bool((scores[dead] <= 0).all()) and bool((scores[~dead] > 0).all())
+    death_step = (masks <= 0).float().argmax(0)  # first step at which the value was dead
+    d, s = death_step[dead], scores[dead]
+    earlier = d[:, None] < d[None, :]
+    assert bool((s[:, None] < s[None, :])[earlier].all()), "an earlier death must score lower"
+    # Scores of the final alive values are their mask values.
+    torch.testing.assert_close(scores[~dead], masks[-1][~dead])
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert isinstance(reloaded, ACIPModel)
+    for ratio in (0.5, 0.8):
+        assert reloaded.prune_model_by_score(ratio).get_size_ratio() >= ratio
+    assert (tmp_path / "run" / "tokenizer.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, monkeypatch):
+    config = tiny_config(corpus, checkpoint_every=4, lora_dropout=0.1, grad_accum=2)
+    straight = run_tiny(config, tmp_path / "straight")
+
+    calls = {"n": 0}
+    original = ACIPTrainer._train_step
+
+    def dies_at_step_23(self, data, lam):  # after masks began to die (~step 19), during post-tuning
+        calls["n"] += 1
+        if calls["n"] == 23:
+            raise KeyboardInterrupt("killed")
+        return original(self, data, lam)
+
+    monkeypatch.setattr(ACIPTrainer, "_train_step", dies_at_step_23)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(config, tmp_path / "resumed")
+    monkeypatch.setattr(ACIPTrainer, "_train_step", original)
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text()) == {"checkpoint": "step-0000020"}
+    resumed = run_tiny(config, tmp_path / "resumed", resume=True)
+
+    for name, score in straight.score_map.items():
+        assert torch.equal(resumed.score_map[name], score), name
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    lines = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / "run_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines("resumed") == lines("straight")
+
+
+def test_run_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="stop_ratio"):
+        run_tiny(tiny_config(corpus, stop_ratio=1.0), tmp_path / "a")
+    with pytest.raises(ValueError, match="stop_ratio"):
+        run_tiny(tiny_config(corpus, stop_ratio=0), tmp_path / "a")
+    with pytest.raises(ValueError, match="no linear layer"):
+        run_tiny(tiny_config(corpus, exclude_modules=".*"), tmp_path / "b")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty|short"):
+        run_tiny(tiny_config(str(empty)), tmp_path / "c")
+    short = tmp_path / "short.txt"
+    short.write_text("w5 w6 w7 " * 20)
+    with pytest.raises(ValueError, match="short"):
+        run_tiny(tiny_config(str(short)), tmp_path / "d")
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_tiny(tiny_config(corpus), tmp_path / "taken")
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_tiny(tiny_config(corpus), tmp_path / "taken", resume=True)
+    assert (tmp_path / "taken" / "config.json").read_text() == "{}"  # refused runs leave the folder alone
+
+
+def test_presets_and_lambda_schedule():
+    paper = training.PRESETS["paper"]
+    assert (paper.block_size, paper.batch_size, paper.lr, paper.stop_ratio, paper.post_tune_steps) == (
+        1024, 4, 5e-5, 0.4, 1000,
+    )
+    assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout, paper.mask_constant) == (32, 16, 0.05, 2e-2)
+    assert paper.lam(0) == paper.lam(3) == 1e-3 and paper.lam(4) == pytest.approx(1.01e-3)
+    assert training.preset("quick", seed=3).seed == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        training.preset("fastest")
+
+
+def test_cli_help(capsys):
+    from acip.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--stop-ratio" in out and "--resume" in out and "LoRA rank" in out
