@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--block-size", type=int, default=512, help="tokens per non-overlapping window")
     evaluate.add_argument("--max-blocks", type=int, default=None, help="score at most this many windows")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    evaluate.add_argument("--svd-baseline", action="store_true", help="also score the dense base model and SVD truncation without training (uniform per layer and global)")
+    evaluate.add_argument(
+        "--svd-baseline",
+        action="store_true",
+        help="also score the dense base model and SVD truncation without training (uniform per layer and global)",
+    )
     evaluate.add_argument("--base-model", default=None, help="base model for the baseline (default: the run's)")
     evaluate.set_defaults(main=eval_main)
     return parser

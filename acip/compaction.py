@@ -87,7 +87,7 @@ class RankCompactor:
         """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold; returns how many."""
         compacted = 0
         for name, layer in self.layers.items():
-            dead = layer.mask.detach() <= 0
+            dead = ~layer.kept
             n_dead = int(dead.sum())
             if n_dead and (force or n_dead >= max(1, self.min_dead_fraction * dead.numel())):
                 self.compact(name, ~dead)

@@ -126,11 +126,16 @@ def load_base_model(name: str, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(name)
 
 
-def _write_json(path: Path, data) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    """Write JSON atomically."""
+    _write_atomically(path, json.dumps(data, indent=2))
 
 
 def _update_scores(scores: torch.Tensor, alive: torch.Tensor, mask: torch.Tensor) -> None:
@@ -419,6 +424,4 @@ def _truncate_log(path: Path, steps: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= steps]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
+        _write_atomically(path, "".join(line + "\n" for line in lines))
