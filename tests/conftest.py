@@ -91,3 +91,27 @@ def tiny_tokenizer():
 def kind(request) -> str:
     """Each tiny architecture in turn."""
     return request.param
+
+
+def words_file(path, words: int = 2000, seed: int = 0) -> str:
+    """A text file of random words from the tiny tokenizer's vocabulary; returns its path."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"w{rng.randint(3, VOCAB - 1)}" for _ in range(words)))
+    return str(path)
+
+
+def save_tiny_run(folder, kind: str = "llama"):
+    """A saved tiny ACIP model as an ACIP run leaves it (tokenizer, acip_run.json naming a saved base model);
+    returns (acip folder, base folder)."""
+    import json
+
+    base_dir, acip_dir = folder / "base", folder / "acip"
+    tokenizer = tiny_tokenizer()
+    tiny_base_model(kind).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    tiny_acip_model(kind).save_pretrained(acip_dir)
+    tokenizer.save_pretrained(acip_dir)
+    (acip_dir / "acip_run.json").write_text(json.dumps({"config": {"base_model": str(base_dir)}, "finished": True}))
+    return acip_dir, base_dir

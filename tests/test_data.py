@@ -4,7 +4,6 @@ The built-in corpora are fetched once (pip download of the gensim wheel, ~28 MB)
 """
 
 import json
-import os
 
 import pandas as pd
 import pytest

@@ -140,12 +140,3 @@ def test_presets_and_lambda_schedule():
     with pytest.raises(ValueError, match="unknown preset"):
         training.preset("fastest")
 
-
-def test_cli_help(capsys):
-    from acip.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compress", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--stop-ratio" in out and "--resume" in out and "LoRA rank" in out

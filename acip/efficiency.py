@@ -1,0 +1,227 @@
+"""What a size buys: parameters, bytes, resident memory and tokens/s of an ACIP model, dense vs pruned-and-compressed
+vs compressed + 4-bit.
+
+Each configuration is saved to a temporary folder and measured in a fresh Python process that loads it the way a
+user would (``from_pretrained``), so resident memory is the model's own and no configuration inherits another's
+allocations. The dense row is the ACIP model compressed at ratio 1.0: every layer goes back to a dense
+``nn.Linear`` of the base model's shape (the weights are the trained ones, the size and speed those of the base).
+"""
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .files import write_atomically, write_json
+from .hub.modeling_acip import ACIPModel
+
+REPORT_STEM = "eval_efficiency"  # eval_efficiency.json / .csv, next to the model
+_MIB = 2**20
+
+
+@dataclass
+class EfficiencyRow:
+    """Size and speed of one configuration of a model."""
+
+    name: str  # e.g. "dense", "ACIP 0.4", "ACIP 0.4 + nf4"
+    ratio: float  # size ratio it was pruned to (1.0: dense)
+    params: int  # parameters of the whole model; a 4-bit weight counts as one parameter
+    bytes: int  # bytes of parameters, buffers and 4-bit quantization constants in memory
+    file_bytes: int  # size of its safetensors checkpoint on disk
+    rss_mib: float  # resident memory the model adds to the process once loaded and run (weights, caches)
+    peak_rss_mib: float  # peak resident memory added while loading it and running prefill and decode
+    prefill_tokens_per_s: float  # one sequence of prompt_tokens, one forward pass (best of repeats)
+    decode_tokens_per_s: float  # greedy generation with the KV cache, batch 1, prompt excluded (best of repeats)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (shared tensors once), plus 4-bit quantization constants."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+    return total
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now."""
+    now = _proc_status_bytes("VmRSS")
+    return now if now is not None else _peak_rss_bytes()
+
+
+def _reset_peak() -> None:
+    """Start the peak-RSS count afresh (Linux ≥ 4.0), so the imports' own peak does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size since :func:`_reset_peak` (Linux), or of the process (ru_maxrss)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux, bytes on macOS
+
+
+def _timed(fn) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Load a saved ACIP model and measure it in this process; returns an EfficiencyRow's fields but name/ratio."""
+    gc.collect()
+    before = _rss_bytes()
+    _reset_peak()
+    model = ACIPModel.from_pretrained(folder).eval()
+    device = next(model.parameters()).device
+    ids = torch.randint(model.config.text_config.vocab_size, (1, prompt_tokens), device=device,
+                        generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    prompt = ids[:, :16]
+
+    def generate(n: int):
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    model(ids[:, :8])  # first calls pay one-off costs (kernel selection, allocator growth)
+    generate(2)
+    # Best of `repeats`: on a shared machine the fastest run is the one least disturbed by others. Prefill keeps
+    # the last position's logits only, as generate() does.
+    prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(repeats))
+    # Generating one token is the prompt's forward pass; the difference leaves the new_tokens - 1 decode steps.
+    one = min(_timed(lambda: generate(1)) for _ in range(repeats))
+    full = min(_timed(lambda: generate(new_tokens)) for _ in range(repeats))
+    return {
+        "params": model.get_num_params(full=True),
+        "bytes": model_bytes(model),
+        "file_bytes": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")),
+        # Weights may be memory-mapped from the checkpoint and become resident as they are first read: the
+        # resident size is taken after the runs, when every weight has been used.
+        "rss_mib": (_rss_bytes() - before) / _MIB,
+        "peak_rss_mib": (_peak_rss_bytes() - before) / _MIB,
+        "prefill_tokens_per_s": prompt_tokens / prefill,
+        "decode_tokens_per_s": (new_tokens - 1) / max(full - one, 1e-9),
+    }
+
+
+def _measure_in_subprocess(folder: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Run :func:`measure` in a fresh interpreter: its memory figures are not polluted by this process."""
+    command = [sys.executable, "-m", "acip.efficiency", str(folder), "--prompt-tokens", str(prompt_tokens),
+               "--new-tokens", str(new_tokens), "--repeats", str(repeats)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {folder} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def efficiency_report(
+    model_dir: str | os.PathLike,
+    ratios: Sequence[float] = (0.4,),
+    quant_type: str | None = "nf4",
+    prompt_tokens: int = 256,
+    new_tokens: int = 64,
+    repeats: int = 3,
+) -> list[EfficiencyRow]:
+    """Dense, then for each ratio the pruned-and-compressed model and (with ``quant_type``) it quantized to 4 bits:
+    size, memory and speed, each measured in its own process."""
+    from .evaluation import check_ratios
+
+    ratios = check_ratios(ratios)
+    for name, value, lowest in (("prompt_tokens", prompt_tokens, 2), ("new_tokens", new_tokens, 2),
+                                ("repeats", repeats, 1)):  # fmt: skip
+        if value < lowest:
+            raise ValueError(f"{name} must be at least {lowest}, got {value}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="acip-efficiency-") as tmp:
+        for ratio in [1.0, *ratios]:
+            name = "dense" if ratio == 1.0 else f"ACIP {ratio:g}"
+            model = ACIPModel.from_pretrained(model_dir).eval()
+            model.prune_model_by_score(ratio).compress()
+            saved = [(name, Path(tmp) / name)]
+            model.save_pretrained(saved[0][1])
+            if quant_type is not None and ratio < 1.0:
+                model.quantize(quant_type)
+                saved.append((f"{name} + {quant_type}", Path(tmp) / f"{name} + {quant_type}"))
+                model.save_pretrained(saved[1][1])
+            del model
+            gc.collect()
+            for name, folder in saved:
+                figures = _measure_in_subprocess(folder, prompt_tokens, new_tokens, repeats)
+                rows.append(EfficiencyRow(name=name, ratio=ratio, **figures))
+    return rows
+
+
+def format_rows(rows: list[EfficiencyRow]) -> str:
+    """A plain-text table of the rows, with ratios against the first (dense) row."""
+    dense = rows[0]
+    header = (f"{'model':<16}{'params':>12}{'MiB':>9}{'on disk':>9}{'RSS MiB':>9}{'peak MiB':>10}"
+              f"{'prefill t/s':>13}{'decode t/s':>12}{'× decode':>10}{'× RSS':>8}")  # fmt: skip
+    lines = [header]
+    for row in rows:
+        lines.append(
+            f"{row.name:<16}{row.params:>12,}{row.bytes / _MIB:>9.1f}{row.file_bytes / _MIB:>9.1f}"
+            f"{row.rss_mib:>9.1f}{row.peak_rss_mib:>10.1f}{row.prefill_tokens_per_s:>13.1f}"
+            f"{row.decode_tokens_per_s:>12.1f}{row.decode_tokens_per_s / dense.decode_tokens_per_s:>10.2f}"
+            f"{row.rss_mib / dense.rss_mib:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[EfficiencyRow], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``eval_efficiency.{json,csv}`` to ``out_dir`` atomically."""
+    names = [f.name for f in fields(EfficiencyRow)]
+    csv = ",".join(names) + "\n" + "".join(",".join(str(getattr(r, n)) for n in names) + "\n" for r in rows)
+    return {
+        "json": write_json(Path(out_dir) / f"{REPORT_STEM}.json", [asdict(r) for r in rows]),
+        "csv": write_atomically(Path(out_dir) / f"{REPORT_STEM}.csv", csv),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure one saved model in this process and print its figures as one JSON line (used by the report)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    import acip  # noqa: F401  (registers the auto classes, as a user's import would)
+
+    print(json.dumps(measure(args.folder, args.prompt_tokens, args.new_tokens, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
