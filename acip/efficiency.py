@@ -95,9 +95,11 @@ def _peak_rss_bytes() -> int:
 
 
 def _timed(fn) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call (CUDA work included: kernels run asynchronously)."""
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -108,6 +110,8 @@ def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int
     before = _rss_bytes()
     _reset_peak()
     model = ACIPModel.from_pretrained(folder).eval()
+    if torch.cuda.is_available():  # resident figures then cover the host side only
+        model.to("cuda")
     device = next(model.parameters()).device
     ids = torch.randint(model.config.text_config.vocab_size, (1, prompt_tokens), device=device,
                         generator=torch.Generator(device).manual_seed(0))  # fmt: skip
