@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 
 from .configuration_acip import ACIPConfig
-from .parametrization import LowRankLinear, SVDLinear, linear_num_params, plan_pruning
+from .parametrization import LowRankLinear, SVDLinear, is_dense_rank, linear_num_params, plan_pruning
 
 try:  # optional: only quantize() needs it
     import bitsandbytes as bnb
@@ -23,6 +23,33 @@ except ImportError:
     bnb = None
 
 QUANT_TYPES = ("nf4", "fp4")
+_QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def _parse_bytes(value) -> int:
+    """A memory size in bytes: an int, or a string such as ``"300MB"`` or ``"1.5 GiB"`` (MB = 10⁶ B, MiB = 2²⁰ B)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
+        if isinstance(value, bool) or match is None or match.group(2) not in _BYTE_UNITS:
+            raise ValueError(
+                f"memory_budget must be a number of bytes or a string like '300MB' or '1.5GiB' (units: "
+                f"{', '.join(u for u in _BYTE_UNITS if u)}), got {value!r}"
+            )
+        number = int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+    if number <= 0:
+        raise ValueError(f"memory_budget must be positive, got {value!r}")
+    return number
+
+
+def _tensor_bytes(numel: int, storage) -> int:
+    """Bytes of a weight of ``numel`` values stored as ``storage`` (a torch dtype or a 4-bit quant type)."""
+    if storage in QUANT_TYPES:  # two values per byte, plus the float32 absmax of every block
+        return (numel + 1) // 2 + 4 * math.ceil(numel / _QUANT_BLOCK)
+    return numel * storage.itemsize
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -288,22 +315,92 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         other = self._other_num_params() if full else 0
         return self.get_num_params(full) / (self._original_num_params() + other)
 
+    def _storage(self, dtype) -> torch.dtype | str:
+        """How the target layers' weights will be stored: ``dtype`` if given (a torch dtype, or "nf4"/"fp4"),
+        else as they are now."""
+        if dtype is None:
+            quantization = getattr(self.config, "quantization_config", None)
+            if quantization is not None:
+                return quantization.bnb_4bit_quant_type
+            return next(iter(self.acip_layers().values())).u.weight.dtype
+        if dtype in QUANT_TYPES or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+        raise ValueError(f"dtype must be a floating torch dtype or one of {QUANT_TYPES}, got {dtype!r}")
+
+    def _other_bytes(self, storage) -> int:
+        """Bytes of everything but the target layers after compress() (and quantize() for a 4-bit storage)."""
+        layers = self.acip_layers().values()
+        inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+        head = self.model.get_output_embeddings()
+        quantized = set()
+        if storage in QUANT_TYPES:  # quantize() also turns the untargeted linear layers (not the head) to 4 bits
+            quantized = {id(m.weight) for m in self.model.modules() if type(m) is nn.Linear and m is not head}
+        total = 0
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:  # tied weights appear once
+            if id(tensor) in inside:
+                continue
+            if id(tensor) in quantized:
+                total += _tensor_bytes(tensor.numel(), storage)
+            elif tensor.is_floating_point() and isinstance(storage, torch.dtype):
+                total += tensor.numel() * storage.itemsize  # model.to(dtype) converts every float tensor
+            else:
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+    def _layer_bytes(self, layer: SVDLinear, rank: int, storage) -> int:
+        """Bytes of one target layer compressed to ``rank`` (dense when factors would not be smaller)."""
+        if is_dense_rank(rank, layer.in_features, layer.out_features):
+            weights = _tensor_bytes(layer.in_features * layer.out_features, storage)
+        else:
+            weights = _tensor_bytes(rank * layer.in_features, storage) + _tensor_bytes(rank * layer.out_features, storage)
+        bias = layer.bias
+        if bias is None:
+            return weights
+        return weights + bias.numel() * (storage.itemsize if isinstance(storage, torch.dtype) else bias.element_size())
+
+    def compressed_bytes(self, dtype: torch.dtype | str | None = None) -> int:
+        """Bytes of parameters and buffers the model will hold after ``compress()`` at the current pruning state
+        (tied weights once); with ``dtype`` after ``.to(dtype)``, or with "nf4"/"fp4" after ``quantize()``
+        (4-bit weights, their quantization constants, everything else as it is)."""
+        storage = self._storage(dtype)
+        layers = self._prunable_layers()
+        return self._other_bytes(storage) + sum(
+            self._layer_bytes(layer, int(layer.kept.sum()), storage) for layer in layers.values()
+        )
+
     # ---------------------------------------------------------------------------------------------------------------
     # Prune, compress, quantize
     # ---------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def prune_model_by_score(
-        self, compression_ratio: float | None = None, *, size_ratio: float | None = None, full: bool = False
+        self,
+        compression_ratio: float | None = None,
+        *,
+        size_ratio: float | None = None,
+        full: bool = False,
+        memory_budget: int | str | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> "ACIPModel":
         """Keep the globally highest-scoring singular values so that the size ratio is the smallest one ≥ the target
-        (within one rank). Revertible and nested: call again with any ratio. Returns the model.
+        (within one rank), or so that the model is the largest that fits ``memory_budget``. Revertible and nested:
+        call again with any target. Returns the model.
 
         Args:
             compression_ratio: fraction of parameters to keep, in [0, 1] (1.0 = no compression).
             size_ratio: the same, by the name the original ACIP code uses; pass one of the two.
             full: count the whole model instead of the parametrized layers only.
+            memory_budget: instead of a ratio, bytes the compressed model may hold (int, or "300MB", "1.5GiB"):
+                the whole model's parameters and buffers, see :meth:`compressed_bytes`.
+            dtype: with ``memory_budget``, the storage to count: a torch dtype, "nf4"/"fp4" (after quantize()),
+                or None for the current one.
         """
+        if memory_budget is not None:
+            if compression_ratio is not None or size_ratio is not None:
+                raise ValueError("pass either a compression_ratio or a memory_budget, not both")
+            return self._prune_to_bytes(_parse_bytes(memory_budget), memory_budget, dtype)
+        if dtype is not None:
+            raise ValueError("dtype only applies to memory_budget")
         ratio = _check_ratio(compression_ratio, size_ratio)
         layers = self._prunable_layers()
         biases = sum(layer.out_features for layer in layers.values() if layer.bias is not None)
@@ -319,6 +416,40 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         shapes = [(layer.in_features, layer.out_features) for layer in layers.values()]
         keep, _ = plan_pruning(scores, shapes, math.ceil(target - other - biases - 1e-6))
         for layer, kept in zip(layers.values(), keep):
+            layer.set_kept(kept)
+        return self
+
+    @torch.no_grad()
+    def _prune_to_bytes(self, budget: int, given, dtype) -> "ACIPModel":
+        """The largest prefix of the global ranking whose compressed model fits ``budget`` bytes."""
+        storage = self._storage(dtype)
+        layers = list(self._prunable_layers().values())
+        scores = [layer.score for layer in layers]
+        shapes = [(layer.in_features, layer.out_features) for layer in layers]
+        other = self._other_bytes(storage)
+
+        def plan(weights: int):
+            keep, _ = plan_pruning(scores, shapes, weights)
+            return keep, other + sum(self._layer_bytes(l, int(k.sum()), storage) for l, k in zip(layers, keep))
+
+        keep, smallest = plan(0)
+        if smallest > budget:
+            raise ValueError(
+                f"memory_budget={given!r} ({budget:,} bytes) is below the smallest this model can be in {storage}: "
+                f"it must be at least {smallest:,} bytes (every rank pruned; the uncompressed parts remain)"
+            )
+        # Plans are nested and their bytes grow with the weight budget: bisect for the largest one that fits.
+        low, high = 0, sum(i * o for i, o in shapes)
+        keep, size = plan(high)
+        if size > budget:
+            while high - low > 1:
+                middle = (low + high) // 2
+                if plan(middle)[1] <= budget:
+                    low = middle
+                else:
+                    high = middle
+            keep, _ = plan(low)
+        for layer, kept in zip(layers, keep):
             layer.set_kept(kept)
         return self
 

@@ -384,3 +384,53 @@ def test_compressed_layers_are_plain_modules():
     model = tiny_acip_model("llama").prune_model_by_score(0.3).compress()
     kinds = {type(layer) for layer in model.acip_layers().values()}
     assert kinds <= {LowRankLinear, nn.Linear} and LowRankLinear in kinds
+
+
+# -- pruning by memory budget -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "nf4"])
+def test_memory_budget_picks_the_largest_model_that_fits(kind, dtype):
+    from acip.efficiency import model_bytes
+
+    model = tiny_acip_model(kind)
+    full = model.compressed_bytes(dtype)
+    budget = int(full * 0.6)
+    model.prune_model_by_score(memory_budget=budget, dtype=dtype)
+    chosen = model.compressed_bytes(dtype)
+    assert chosen <= budget
+    # One more rank, the next in the global ranking, would not fit.
+    ratio = model.get_size_ratio()
+    kept = sum(int(layer.kept.sum()) for layer in model.acip_layers().values())
+    for step in range(1, 2000):
+        model.prune_model_by_score(min(1.0, ratio + step * 1e-4))
+        if sum(int(layer.kept.sum()) for layer in model.acip_layers().values()) > kept:
+            break
+    assert model.compressed_bytes(dtype) > budget
+    # The count is what compress() (+ .to(dtype) or quantize()) really holds.
+    model.prune_model_by_score(memory_budget=budget, dtype=dtype).compress()
+    if dtype == "nf4":
+        model.quantize("nf4")
+    elif dtype is not None:
+        model.to(dtype)
+    assert model_bytes(model) == chosen
+
+
+def test_memory_budget_units_and_errors():
+    model = tiny_acip_model("llama")
+    full = model.compressed_bytes()
+    model.prune_model_by_score(memory_budget=f"{full / 1000:.3f}kB")
+    assert model.get_size_ratio() == 1.0
+    model.prune_model_by_score(memory_budget=f"{full * 0.7 / 2**10}KiB")
+    assert 0.4 < model.get_size_ratio() < 1.0 and model.compressed_bytes() <= full * 0.7
+    before = [layer.mask.clone() for layer in model.acip_layers().values()]
+    for bad in ("300 parsecs", "-5MB", 0, True, "MB"):
+        with pytest.raises(ValueError, match="memory_budget must be"):
+            model.prune_model_by_score(memory_budget=bad)
+    with pytest.raises(ValueError, match=r"memory_budget=100 .* must be at least [\d,]+ bytes"):
+        model.prune_model_by_score(memory_budget=100)
+    with pytest.raises(ValueError, match="either a compression_ratio or a memory_budget"):
+        model.prune_model_by_score(0.5, memory_budget="1MB")
+    with pytest.raises(ValueError, match="dtype must be"):
+        model.prune_model_by_score(memory_budget="1MB", dtype=torch.int8)
+    assert all(torch.equal(layer.mask, b) for layer, b in zip(model.acip_layers().values(), before))
