@@ -358,15 +358,17 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             return weights
         return weights + bias.numel() * (storage.itemsize if isinstance(storage, torch.dtype) else bias.element_size())
 
+    def _target_bytes(self, layers: list[SVDLinear], keep: list[torch.Tensor], storage) -> int:
+        """Bytes of the target layers compressed to the kept ranks ``keep`` (one boolean mask per layer)."""
+        return sum(self._layer_bytes(layer, int(kept.sum()), storage) for layer, kept in zip(layers, keep))
+
     def compressed_bytes(self, dtype: torch.dtype | str | None = None) -> int:
         """Bytes of parameters and buffers the model will hold after ``compress()`` at the current pruning state
         (tied weights once); with ``dtype`` after ``.to(dtype)``, or with "nf4"/"fp4" after ``quantize()``
         (4-bit weights, their quantization constants, everything else as it is)."""
         storage = self._storage(dtype)
-        layers = self._prunable_layers()
-        return self._other_bytes(storage) + sum(
-            self._layer_bytes(layer, int(layer.kept.sum()), storage) for layer in layers.values()
-        )
+        layers = list(self._prunable_layers().values())
+        return self._other_bytes(storage) + self._target_bytes(layers, [layer.kept for layer in layers], storage)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Prune, compress, quantize
@@ -430,7 +432,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
 
         def plan(weights: int):
             keep, _ = plan_pruning(scores, shapes, weights)
-            return keep, other + sum(self._layer_bytes(l, int(k.sum()), storage) for l, k in zip(layers, keep))
+            return keep, other + self._target_bytes(layers, keep, storage)
 
         keep, smallest = plan(0)
         if smallest > budget:

@@ -12,7 +12,6 @@ from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
 
-
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per ACIPRunConfig field, with the field's help text; unset options keep the preset's value."""
     for f in dataclasses.fields(ACIPRunConfig):

@@ -175,11 +175,12 @@ def efficiency_report(
             model = ACIPModel.from_pretrained(model_dir).eval()
             model.prune_model_by_score(ratio).compress()
             saved = [(name, Path(tmp) / name)]
-            model.save_pretrained(saved[0][1])
+            model.save_pretrained(Path(tmp) / name)
             if quant_type is not None and ratio < 1.0:
                 model.quantize(quant_type)
-                saved.append((f"{name} + {quant_type}", Path(tmp) / f"{name} + {quant_type}"))
-                model.save_pretrained(saved[1][1])
+                name = f"{name} + {quant_type}"
+                saved.append((name, Path(tmp) / name))
+                model.save_pretrained(Path(tmp) / name)
             del model
             gc.collect()
             for name, folder in saved:

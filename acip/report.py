@@ -23,10 +23,6 @@ class PerplexityReport:
     results: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)  # source -> method -> ratio -> ppl
     dense: dict[str, float] = field(default_factory=dict)  # source -> ppl of the dense base model, when measured
 
-    def methods(self) -> list[str]:
-        """Every method that appears for any source, in first-seen order."""
-        return list(dict.fromkeys(m for by_method in self.results.values() for m in by_method))
-
     def rows(self) -> list[dict]:
         """One record per (source, method, ratio); the dense base model is one row at ratio 1.0."""
         rows = []

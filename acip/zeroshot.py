@@ -12,6 +12,8 @@ tasks whose data is already cached, or local tasks (``include_path``), can run.
 import os
 from collections.abc import Sequence
 
+import torch
+
 try:
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import register_model
@@ -33,7 +35,7 @@ class ACIPLM(HFLM):
             from transformers import AutoTokenizer
 
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(pretrained)
-            device = kwargs.pop("device", None) or ("cuda" if _cuda() else "cpu")
+            device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
             pretrained = ACIPModel.from_pretrained(pretrained).to(device).eval()
         if not isinstance(pretrained, ACIPModel):
             raise TypeError(f"pretrained must be an ACIPModel or the folder of one, got {type(pretrained).__name__}")
@@ -53,13 +55,6 @@ class ACIPLM(HFLM):
     def set_ratio(self, ratio: float) -> None:
         """Prune the wrapped model to ``ratio`` (revertible; any ratio in (0, 1] later)."""
         self.acip_model.prune_model_by_score(ratio)
-
-
-def _cuda() -> bool:
-    """Whether a CUDA device is there (torch imported late: lm-eval already pulled it in)."""
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def zero_shot_sweep(
