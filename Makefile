@@ -9,7 +9,7 @@ setup: $(VENV)/.installed
 
 # torch is installed first and pinned when missing: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the
 # CPU build this machine has on disk. The package itself asks for a range (torch>=2.4).
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0

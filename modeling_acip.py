@@ -60,7 +60,9 @@ def _matches(name: str, patterns: str | list[str]) -> bool:
 
 
 def find_target_modules(
-    base_model: nn.Module, target_modules: str | list[str] = "all-linear", exclude_modules: str | list[str] | None = None
+    base_model: nn.Module,
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
 ) -> list[str]:
     """Names of the linear layers of ``base_model`` to parametrize: ``"all-linear"`` (every nn.Linear but the output
     head), a regex matched against whole names, or a list of names / name suffixes; minus ``exclude_modules``."""
@@ -91,7 +93,7 @@ def _check_ratio(compression_ratio, size_ratio) -> float:
     """The one target ratio given by either name; a clear error for anything that is not a number in [0, 1]."""
     given = {k: v for k, v in (("compression_ratio", compression_ratio), ("size_ratio", size_ratio)) if v is not None}
     if not given:
-        raise TypeError("prune_model_by_score() needs compression_ratio (the fraction of parameters to keep, in [0, 1])")
+        raise TypeError("prune_model_by_score() needs compression_ratio (the fraction of parameters kept, in [0, 1])")
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number in [0, 1] (the fraction of parameters kept), got {value!r}")
@@ -187,7 +189,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Load a saved ACIP model; a checkpoint that lacks or mismatches any tensor is an error, never re-initialised."""
+        """Load a saved ACIP model; a checkpoint lacking or mismatching any tensor is an error, never re-initialised."""
         want_info = kwargs.pop("output_loading_info", False)
         mismatch = "the checkpoint's tensors do not match the shapes config.json gives (per-layer ranks, targets)"
         try:
@@ -352,7 +354,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         if is_dense_rank(rank, layer.in_features, layer.out_features):
             weights = _tensor_bytes(layer.in_features * layer.out_features, storage)
         else:
-            weights = _tensor_bytes(rank * layer.in_features, storage) + _tensor_bytes(rank * layer.out_features, storage)
+            weights = sum(_tensor_bytes(rank * n, storage) for n in (layer.in_features, layer.out_features))
         bias = layer.bias
         if bias is None:
             return weights

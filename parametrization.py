@@ -326,7 +326,7 @@ def plan_pruning(
     ranks = tuple(int(s.numel()) for s in scores)
     for rank, (in_features, out_features) in zip(ranks, shapes):
         if rank != min(in_features, out_features):
-            raise ValueError(f"a score vector of length {rank} does not fit a layer of shape {out_features}x{in_features}")
+            raise ValueError(f"a score vector of length {rank} does not fit a {out_features}x{in_features} layer")
     flat = torch.cat([s.detach().to(device="cpu", dtype=torch.float32).flatten() for s in scores])
     if not torch.isfinite(flat.sum()) and torch.isnan(flat).any():  # the sum is a cheap first test
         raise ValueError("the score map contains NaN; scores must be numbers")

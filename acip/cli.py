@@ -1,41 +1,78 @@
-"""The ``acip`` command line: ``acip compress`` (the ACIP run) and ``acip eval`` (perplexity across size ratios,
-zero-shot tasks, size and speed)."""
+"""The ``acip`` command line: ``acip compress`` (the ACIP run), ``acip eval`` (perplexity across size ratios,
+zero-shot tasks, size and speed), ``acip finetune`` (LoRA on a compressed model) and ``acip export`` (a folder
+ready for the Hub, optionally pushed)."""
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 import typing
 from pathlib import Path
 
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
+from .finetune import FinetuneConfig, finetune
+from .hub.modeling_acip import QUANT_TYPES
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per ACIPRunConfig field, with the field's help text; unset options keep the preset's value."""
-    for f in dataclasses.fields(ACIPRunConfig):
+def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
+    """One option per field of a config dataclass, with the field's help text; unset options keep the default."""
+    for f in dataclasses.fields(config_class):
         kind = typing.get_args(f.type)[0] if typing.get_origin(f.type) is not None else f.type
         kind = kind if kind in (int, float) else str
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"{f.metadata.get('help', '')}"
-        )
+            f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=f.metadata.get("choices"),
+            help=f.metadata.get("help", ""),
+        )  # fmt: skip
+
+
+def _config_overrides(args: argparse.Namespace, config_class) -> dict:
+    """The config fields given on the command line."""
+    fields = dataclasses.fields(config_class)
+    return {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
 
 
 def compress_main(args: argparse.Namespace) -> None:
     """acip compress: run ACIP and save a full, prunable ACIP model."""
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(ACIPRunConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    config = preset(args.preset, **overrides)
+    config = preset(args.preset, **_config_overrides(args, ACIPRunConfig))
     start = time.perf_counter()
     model = run_acip(config, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     print(
         f"saved {args.output_dir} in {time.perf_counter() - start:.0f} s: {len(model.config.target_modules)} "
         "parametrized layers; prune it with model.prune_model_by_score(compression_ratio=...)"
     )
+
+
+def finetune_main(args: argparse.Namespace) -> None:
+    """acip finetune: prune, compress, optionally quantize, LoRA fine-tune, save merged model or adapter."""
+    config = FinetuneConfig(**_config_overrides(args, FinetuneConfig))
+    start = time.perf_counter()
+    finetune(args.model_dir, args.output_dir, config, resume=args.resume, overwrite=args.overwrite)
+    record = json.loads((Path(args.output_dir) / "finetune_run.json").read_text())
+    before, after = record.get("perplexity_before"), record.get("perplexity_after")
+    held_out = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""
+    print(f"saved {args.output_dir} ({record['config']['save']}) in {time.perf_counter() - start:.0f} s at size ratio "
+          f"{record['size_ratio']:.3f}{held_out}")  # fmt: skip
+
+
+def export_main(args: argparse.Namespace) -> None:
+    """acip export: a Hub-ready folder (model card, requirements, code), checked offline; optionally pushed."""
+    from .export import export_model, push_to_hub
+
+    if args.push_to_hub and not args.repo_id:
+        raise SystemExit("acip export: --push-to-hub needs --repo-id ORG/NAME")
+    start = time.perf_counter()
+    out = export_model(
+        args.model_dir, args.out_dir, repo_id=args.repo_id, license=args.license, ratio=args.ratio,
+        quantize=args.quantize, dtype=args.dtype, overwrite=args.overwrite, validate=not args.no_validate,
+    )  # fmt: skip
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    checked = "" if args.no_validate else ", loads offline through trust_remote_code"
+    print(f"exported {out} ({size / 2**20:.1f} MiB{checked}) in {time.perf_counter() - start:.0f} s")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.repo_id, private=args.private, validate=False)  # just checked above
+        print(f"pushed to {url}")
 
 
 def eval_main(args: argparse.Namespace) -> None:
@@ -103,8 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--output-dir", required=True, help="where the ACIP model, log and checkpoints go")
     compress.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     compress.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    _add_config_options(compress)
+    _add_config_options(compress, ACIPRunConfig)
     compress.set_defaults(main=compress_main)
+
+    tune = commands.add_parser(
+        "finetune", help="prune a saved ACIP model to a size, compress (and 4-bit quantize), then LoRA fine-tune it"
+    )
+    tune.add_argument("model_dir", help="a saved ACIP model (e.g. the output of acip compress)")
+    tune.add_argument("--output-dir", required=True, help="where the fine-tuned model, log and checkpoints go")
+    tune.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    tune.add_argument("--overwrite", action="store_true", help="replace a previous result in --output-dir")
+    _add_config_options(tune, FinetuneConfig)
+    tune.set_defaults(main=finetune_main)
+
+    export = commands.add_parser(
+        "export", help="write a Hub-ready folder (model card, requirements, code, tokenizer), checked; optionally push"
+    )
+    export.add_argument("model_dir", help="a saved ACIP model (prunable, compressed or fine-tuned)")
+    export.add_argument("out_dir", help="the folder to write")
+    export.add_argument("--repo-id", default=None, help="ORG/NAME on the Hub: named in the model card, pushed to")
+    export.add_argument("--license", default=None, help="Hub license id (apache-2.0, mit, other...); "
+                        "needed unless the base model's is known")  # fmt: skip
+    export.add_argument("--ratio", type=float, default=None, help="prune to this size ratio and compress first")
+    export.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="store the layers in 4 bits")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weight dtype")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir once the new one passed")
+    export.add_argument("--no-validate", action="store_true", help="skip loading the folder in a fresh process")
+    export.add_argument("--push-to-hub", action="store_true", help="upload to --repo-id (token: HF_TOKEN or hf login)")
+    export.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    export.set_defaults(main=export_main)
 
     evaluate = commands.add_parser(
         "eval", help="perplexity across size ratios (default), zero-shot tasks, or size/memory/speed of an ACIP model"

@@ -68,7 +68,8 @@ class RankCompactor:
         if dropped.numel() == 0:
             return
         for key, tensor, dim in rank_slots(layer):
-            dead_values = tensor.data.index_select(dim, dropped.to(tensor.device)).cpu()  # CPU: frees accelerator memory
+            # on the CPU: frees accelerator memory
+            dead_values = tensor.data.index_select(dim, dropped.to(tensor.device)).cpu()
             self.stash[name].setdefault(key, []).append((self.alive[name][dropped], dead_values))
             self._slice(tensor, dim, kept.to(tensor.device))
         self.alive[name] = self.alive[name][kept]

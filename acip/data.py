@@ -310,6 +310,12 @@ def _resolve(source: str | os.PathLike) -> tuple[str, object]:
     return "files", (_FILE_BUILDERS[suffixes.pop()], paths)
 
 
+def hub_dataset_name(source: str | os.PathLike) -> str | None:
+    """The Hub dataset a source names (``hf:NAME[...]`` gives NAME); None for built-in corpora and files."""
+    spec = os.fspath(source)
+    return _parse_hub_spec(spec).name if spec.startswith("hf:") else None
+
+
 def _parse_hub_spec(spec: str) -> _HubSpec:
     parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:

@@ -68,6 +68,20 @@ class PerplexityReport:
                 lines.append(f"{ratio:>6.2f}" + "".join(f"{_fmt(by_method[m][ratio]):>14}" for m in by_method))
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The report as one Markdown table: a row per ratio, a column per (text, method), the dense model first."""
+        columns = [(data, method) for data, by_method in self.results.items() for method in by_method]
+        lines = [
+            "| size ratio | " + " | ".join(f"{method}, {data}" for data, method in columns) + " |",
+            "|---:|" + "---:|" * len(columns),
+        ]
+        if self.dense:
+            dense = [_fmt(self.dense[d]) if d in self.dense else "" for d, _ in columns]
+            lines.append(f"| {DENSE} | " + " | ".join(dense) + " |")
+        for ratio in self.ratios:
+            lines.append(f"| {ratio:.2f} | " + " | ".join(_fmt(self.results[d][m][ratio]) for d, m in columns) + " |")
+        return "\n".join(lines)
+
 
 def _fmt(ppl: float) -> str:
     """Perplexities span 10 to 10⁸: fixed point while short, scientific after."""

@@ -20,26 +20,27 @@ die; checkpoints are atomic and a killed run resumes to the same score map.
 import dataclasses
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .checkpoints import (
+    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, prepare_output_dir, remove_checkpoints,
+    restore_rng, rng_tensors, save_checkpoint, truncate_log,
+)  # fmt: skip
 from .compaction import RankCompactor, rank_slots
 from .data import TrainBatches
-from .files import write_atomically, write_json
+from .files import write_json
 from .default_model import DEFAULT_MODEL, load_default_model
 from .hub.modeling_acip import ACIPModel
 
 RUN_FILE = "acip_run.json"
 LOG_FILE = "run_log.jsonl"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -280,7 +281,7 @@ class ACIPTrainer:
         record.update(finished=True, pruning_steps=self.step, post_tune_steps=self.post_step,
                       train_seconds=round(self.elapsed, 1))
         write_json(self.output_dir / RUN_FILE, record)
-        shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)
+        remove_checkpoints(self.output_dir)
         return model
 
     def _unsliced_lora(self) -> dict[str, torch.Tensor]:
@@ -295,52 +296,29 @@ class ACIPTrainer:
 
     @torch.no_grad()
     def checkpoint(self) -> Path:
-        """Write everything a resumed run needs, atomically: a new directory renamed into place, then `latest`."""
-        root = self.output_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.step + self.post_step:07d}"
-        tmp = root / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tensors = {"rng.torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        """Write everything a resumed run needs, atomically (acip.checkpoints)."""
+        tensors = rng_tensors()
         for layer_name in self.layers:
-            full = self.compactor.full(layer_name)
-            for key, value in full.items():
-                tensors[f"layer.{layer_name}.{key}"] = value.cpu().contiguous()
+            for key, value in self.compactor.full(layer_name).items():
+                tensors[f"layer.{layer_name}.{key}"] = value
             tensors[f"alive.{layer_name}"] = self.compactor.alive[layer_name]
             tensors[f"score.{layer_name}"] = self.scores[layer_name]
         for param_name, param in self._unsliced_lora().items():
-            tensors[f"lora.{param_name}"] = param.detach().cpu().contiguous()
-        optim = self.optimizer.state_dict()
-        for index, state in optim["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = value.cpu().contiguous()
-        save_file(tensors, tmp / "state.safetensors")
-        write_json(tmp / "trainer.json", {
-            "step": self.step, "post_step": self.post_step, "pruning": self.pruning, "elapsed": self.elapsed,
-            "param_groups": optim["param_groups"], "fingerprint": self.fingerprint,
-        })
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_json(root / "latest.json", {"checkpoint": name})
-        for old in root.iterdir():
-            if old.is_dir() and old.name != name:
-                shutil.rmtree(old)
-        return final
+            tensors[f"lora.{param_name}"] = param
+        optim, param_groups = optimizer_tensors(self.optimizer)
+        meta = {"step": self.step, "post_step": self.post_step, "pruning": self.pruning, "elapsed": self.elapsed,
+                "param_groups": param_groups, "fingerprint": self.fingerprint}  # fmt: skip
+        return save_checkpoint(self.output_dir, self.step + self.post_step, {**tensors, **optim}, meta)
 
     @torch.no_grad()
     def load_checkpoint(self, folder: Path) -> None:
         """Bring a freshly built trainer to the state a checkpoint recorded."""
-        meta = json.loads((folder / "trainer.json").read_text())
+        tensors, meta = load_checkpoint(folder)
         if meta["fingerprint"] != self.fingerprint:
             raise RuntimeError(
                 "cannot resume: the base model's SVD factors differ from the checkpointed run's "
                 "(another base model, or another torch/hardware)"
             )
-        tensors = load_file(folder / "state.safetensors")
         for name, param in self._unsliced_lora().items():
             param.data.copy_(tensors[f"lora.{name}"])
         for name, layer in self.layers.items():
@@ -356,15 +334,8 @@ class ACIPTrainer:
         if not self.pruning:
             for mask in self.masks:
                 mask.requires_grad_(False)
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, field_name = key.split(".", 2)
-                state.setdefault(int(index), {})[field_name] = value.to(self.device)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        load_optimizer(self.optimizer, tensors, meta["param_groups"], self.device)
+        restore_rng(tensors)
 
 
 def run_acip(
@@ -382,34 +353,16 @@ def run_acip(
     ``overwrite`` replaces a previous run in ``output_dir``. A folder holding another run is refused otherwise.
     ``base_model``/``tokenizer`` replace loading ``config.base_model`` (for tests and notebooks).
     """
-    output_dir = Path(output_dir)
-    run_file = output_dir / RUN_FILE
-    latest = output_dir / CHECKPOINTS / "latest.json"
-    if resume:
-        if not latest.exists():
-            raise FileNotFoundError(f"nothing to resume in {output_dir}: no checkpoint was written there")
+    run_file = Path(output_dir) / RUN_FILE
+    if resume and run_file.exists():  # a resumed run keeps the settings it was started with
         config = ACIPRunConfig(**json.loads(run_file.read_text())["config"])
-    elif output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} is not empty (it holds another run or other files); "
-                "pass overwrite=True (--overwrite) to replace it, or resume=True (--resume) to continue a run"
-            )
-        shutil.rmtree(output_dir)
     config.validate()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, resume, overwrite)
     trainer = ACIPTrainer(config, output_dir, base_model=base_model, tokenizer=tokenizer)
     if resume:
-        checkpoint = output_dir / CHECKPOINTS / json.loads(latest.read_text())["checkpoint"]
-        trainer.load_checkpoint(checkpoint)
-        _truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
+        trainer.load_checkpoint(latest_checkpoint(output_dir))
+        truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
     else:
         write_json(run_file, {"config": dataclasses.asdict(config), "finished": False})
     return trainer.run()
 
-
-def _truncate_log(path: Path, steps: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= steps]
-        write_atomically(path, "".join(line + "\n" for line in lines))

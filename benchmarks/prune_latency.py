@@ -91,7 +91,8 @@ def main() -> None:
         print(f"{ratio:>6.1f} {plan_ms:>10.1f} {naive_ms:>11.1f} {naive_ms / plan_ms:>8.0f}x {cost / total:>9.5f}")
 
     generator = torch.Generator().manual_seed(1)
-    for name, other in (("trained-like", trained_like(shapes, generator)), ("untrained", [s * 0 + 0.02 for s in scores])):
+    untrained = [s * 0 + 0.02 for s in scores]
+    for name, other in (("trained-like", trained_like(shapes, generator)), ("untrained", untrained)):
         times = [median_ms(lambda: plan_pruning(other, shapes, int(r * total)), args.repeats) for r in RATIOS]
         print(f"{name} map: median over ratios {statistics.median(times):.1f} ms, worst {max(times):.1f} ms")
 

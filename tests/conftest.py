@@ -105,6 +105,7 @@ def words_file(path, words: int = 2000, seed: int = 0) -> str:
 def save_tiny_run(folder, kind: str = "llama"):
     """A saved tiny ACIP model as an ACIP run leaves it (tokenizer, acip_run.json naming a saved base model);
     returns (acip folder, base folder)."""
+    import dataclasses
     import json
 
     base_dir, acip_dir = folder / "base", folder / "acip"
@@ -113,5 +114,9 @@ def save_tiny_run(folder, kind: str = "llama"):
     tokenizer.save_pretrained(base_dir)
     tiny_acip_model(kind).save_pretrained(acip_dir)
     tokenizer.save_pretrained(acip_dir)
-    (acip_dir / "acip_run.json").write_text(json.dumps({"config": {"base_model": str(base_dir)}, "finished": True}))
+    from acip.training import ACIPRunConfig
+
+    config = dataclasses.asdict(ACIPRunConfig(base_model=str(base_dir), data="hf:org/texts:en"))
+    record = {"config": config, "finished": True, "pruning_steps": 50, "post_tune_steps": 5, "train_seconds": 1.0}
+    (acip_dir / "acip_run.json").write_text(json.dumps(record))
     return acip_dir, base_dir

@@ -131,7 +131,7 @@ def test_masks_and_scores_stay_float32_when_cast():
 
 
 def reference_plan(scores, shapes, budget):
-    """Full lexicographic sort by (score desc, relative position asc, layer asc), then the first prefix reaching budget."""
+    """Full lexicographic sort by (score desc, relative position asc, layer asc), then the first prefix at budget."""
     items = []
     for layer, s in enumerate(scores):
         k = s.numel()

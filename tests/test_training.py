@@ -93,14 +93,16 @@ def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         run_tiny(config, tmp_path / "resumed")
     monkeypatch.setattr(ACIPTrainer, "_train_step", original)
-    assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text()) == {"checkpoint": "step-0000020"}
+    latest = tmp_path / "resumed" / "checkpoints" / "latest.json"
+    assert json.loads(latest.read_text()) == {"checkpoint": "step-0000020"}
     resumed = run_tiny(config, tmp_path / "resumed", resume=True)
 
     for name, score in straight.score_map.items():
         assert torch.equal(resumed.score_map[name], score), name
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
-    lines = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / "run_log.jsonl").read_text().splitlines()]  # noqa: E731
+    log = lambda run: (tmp_path / run / "run_log.jsonl").read_text().splitlines()  # noqa: E731
+    lines = lambda run: [json.loads(line)["step"] for line in log(run)]  # noqa: E731
     assert lines("resumed") == lines("straight")
 
 
