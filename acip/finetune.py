@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .data import TrainBatches, load_blocks
 from .evaluation import perplexity
 from .files import write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
+from .training import RUN_FILE
 
 FINETUNE_FILE = "finetune_run.json"
 LOG_FILE = "finetune_log.jsonl"
@@ -201,6 +203,8 @@ class Finetuner:
             model = self.peft_model.unload()
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+        if (Path(self.model_dir) / RUN_FILE).exists():  # how the score map came about: the model card tells it
+            shutil.copy2(Path(self.model_dir) / RUN_FILE, out / RUN_FILE)
         self.record.update(finished=True, steps=self.step, train_seconds=round(self.elapsed, 1))
         write_json(out / FINETUNE_FILE, self.record)
         remove_checkpoints(out)

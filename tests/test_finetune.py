@@ -47,6 +47,7 @@ def test_finetune_lowers_the_loss_and_saves_a_merged_model_without_extra_modules
     assert 0.59 < record["size_ratio"] <= 0.61
     assert not any("lora" in name for name in model.state_dict())
     assert not (tmp_path / "out" / "checkpoints").exists()
+    assert (tmp_path / "out" / "acip_run.json").read_text() == (tiny_run[0] / "acip_run.json").read_text()
 
     reloaded = ACIPModel.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.compressed and reloaded.config.layer_ranks == model.config.layer_ranks
@@ -130,3 +131,17 @@ def test_finetune_errors(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="already compressed"):
         finetune(compressed, tmp_path / "e", tiny_config(tiny_run))
     assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in "abcd")
+
+
+def test_cli_finetune(tiny_run, tmp_path, capsys):
+    from acip.cli import main
+
+    acip_dir, train, held_out = tiny_run
+    main(["finetune", str(acip_dir), "--ratio", "0.6", "--output-dir", str(tmp_path / "cli"), "--data", train,
+          "--eval-data", held_out, "--eval-blocks", "2", "--eval-block-size", "16", "--block-size", "16",
+          "--batch-size", "2", "--steps", "3", "--lora-r", "2", "--save", "adapter"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"saved {tmp_path / 'cli'} (adapter)" in printed and "held-out perplexity" in printed
+    assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
+    record = json.loads((tmp_path / "cli" / "finetune_run.json").read_text())
+    assert record["config"]["steps"] == 3 and record["config"]["lora_r"] == 2
