@@ -31,4 +31,5 @@ bench: setup
 	$(PY) benchmarks/prune_latency.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/quality.py

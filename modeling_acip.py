@@ -6,6 +6,7 @@ This file is part of the Hub payload: it imports only torch, transformers, optio
 sibling files.
 """
 
+import ctypes
 import math
 import numbers
 import re
@@ -50,6 +51,23 @@ def _tensor_bytes(numel: int, storage) -> int:
     if storage in QUANT_TYPES:  # two values per byte, plus the float32 absmax of every block
         return (numel + 1) // 2 + 4 * math.ceil(numel / _QUANT_BLOCK)
     return numel * storage.itemsize
+
+
+try:  # glibc only; elsewhere (macOS, Windows, musl) freed memory is simply left to the allocator
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed on the heap back to the OS (glibc's malloc_trim).
+
+    Parametrizing frees a dense weight and allocates its factors, layer after layer; glibc keeps freed blocks below
+    its (self-raising) mmap threshold in the heap, where fragmentation made peak RSS vary from 1.08x to 1.27x the
+    finished model between identical runs. Trimming after every layer keeps it at the live size (1.07x, every run).
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -184,6 +202,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             dense = base_model.get_submodule(name)
             base_model.set_submodule(name, SVDLinear.from_linear(dense, mask_constant))
             del dense  # free each dense weight as soon as its factors exist
+            _release_freed_memory()
         model.train(base_model.training)
         return model
 

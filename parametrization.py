@@ -127,22 +127,23 @@ class SVDLinear(LowRankLinear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, mask_constant: float = 2e-2) -> "SVDLinear":
-        """Factorize a dense layer by its SVD (in float32, on the layer's device); the result reproduces it exactly."""
-        weight = linear.weight.float()  # (out, in)
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # (out, k), (k,), (k, in)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            mask_constant=mask_constant,
-            device=weight.device,
-            dtype=linear.weight.dtype,
-        )
-        layer.sv.weight.copy_(s[:, None] * vh)
-        layer.u.weight.copy_(u / mask_constant)
+        """Factorize a dense layer by its SVD (in float32, on the layer's device); the result reproduces it exactly.
+
+        The factors are the SVD's own output tensors, scaled in place: besides the SVD's workspace nothing is
+        allocated, so parametrizing a model layer by layer never holds more than the finished model plus one layer.
+        """
+        dtype, device = linear.weight.dtype, linear.weight.device
+        u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+        with torch.device("meta"):  # the structure only; every tensor is put in below
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        mask_constant=mask_constant, dtype=dtype)  # fmt: skip
+        layer.sv.weight = nn.Parameter(vh.mul_(s[:, None]).to(dtype))
+        layer.u.weight = nn.Parameter(u.div_(mask_constant).to(dtype))
         if linear.bias is not None:
-            layer.u.bias.copy_(linear.bias)
-        return layer
+            layer.u.bias = nn.Parameter(linear.bias.detach())  # the dense layer's own tensor: no copy
+        layer.mask = nn.Parameter(torch.full_like(s, mask_constant))
+        layer.score = torch.full_like(s, mask_constant)
+        return layer.to(device)
 
     def mask_value(self) -> torch.Tensor:
         """The mask as the forward pass uses it: ``c`` where alive, 0 where pruned; gradient as for ``relu(mask)``."""
