@@ -11,7 +11,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 
 from .files import write_atomically, write_json
 from .hub.modeling_acip import ACIPModel
+from .memory import model_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 REPORT_STEM = "eval_efficiency"  # eval_efficiency.json / .csv, next to the model
 _MIB = 2**20
@@ -44,56 +44,6 @@ class EfficiencyRow:
     decode_tokens_per_s: float  # greedy generation with the KV cache, batch 1, prompt excluded (best of repeats)
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by a model's parameters and buffers (shared tensors once), plus 4-bit quantization constants."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-    return total
-
-
-def _proc_status_bytes(key: str) -> int | None:
-    """A memory figure of this process from /proc/self/status (Linux), in bytes; None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process now."""
-    now = _proc_status_bytes("VmRSS")
-    return now if now is not None else _peak_rss_bytes()
-
-
-def _reset_peak() -> None:
-    """Start the peak-RSS count afresh (Linux ≥ 4.0), so the imports' own peak does not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident set size since :func:`_reset_peak` (Linux), or of the process (ru_maxrss)."""
-    peak = _proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux, bytes on macOS
-
-
 def _timed(fn) -> float:
     """Wall seconds of one call (CUDA work included: kernels run asynchronously)."""
     start = time.perf_counter()
@@ -107,8 +57,8 @@ def _timed(fn) -> float:
 def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Load a saved ACIP model and measure it in this process; returns an EfficiencyRow's fields but name/ratio."""
     gc.collect()
-    before = _rss_bytes()
-    _reset_peak()
+    before = rss_bytes()
+    reset_peak_rss()
     model = ACIPModel.from_pretrained(folder).eval()
     if torch.cuda.is_available():  # resident figures then cover the host side only
         model.to("cuda")
@@ -134,8 +84,8 @@ def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int
         "file_bytes": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")),
         # Weights may be memory-mapped from the checkpoint and become resident as they are first read: the
         # resident size is taken after the runs, when every weight has been used.
-        "rss_mib": (_rss_bytes() - before) / _MIB,
-        "peak_rss_mib": (_peak_rss_bytes() - before) / _MIB,
+        "rss_mib": (rss_bytes() - before) / _MIB,
+        "peak_rss_mib": (peak_rss_bytes() - before) / _MIB,
         "prefill_tokens_per_s": prompt_tokens / prefill,
         "decode_tokens_per_s": (new_tokens - 1) / max(full - one, 1e-9),
     }

@@ -7,12 +7,13 @@ sequence length and gradient checkpointing.
 
 :func:`measure_parametrization` (``python -m acip.memory``) measures, in a fresh process, the peak resident memory
 while :meth:`ACIPModel.from_base_model` factorizes a randomly initialised model layer by layer, against the size of
-the finished parametrized model.
+the finished parametrized model. The byte and resident-memory helpers here also serve ``acip eval --efficiency``.
 """
 
 import argparse
 import gc
 import json
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ def estimate_run_memory(
         names = find_target_modules(base, target_modules, exclude_modules)
         model = ACIPModel(ACIPConfig(text_config=base_config, target_modules=names)).to(dtype)
     base_params = sum(p.numel() for p in base.parameters())
-    base_bytes = _unique_bytes(base)
-    parametrized = _unique_bytes(model)
+    base_bytes = model_bytes(base)
+    parametrized = model_bytes(model)
     masks_scores = lora = 0
     for layer in model.acip_layers().values():
         rank = layer.rank
@@ -85,12 +86,6 @@ def estimate_run_memory(
         masks_scores_bytes=masks_scores, lora_params=lora, lora_bytes=4 * lora, grad_bytes=trainable,
         adam_bytes=2 * trainable,
     )  # fmt: skip
-
-
-def _unique_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, tied tensors once (meta tensors have no storage: dedupe by object)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def format_estimates(estimates: list[MemoryEstimate]) -> str:
@@ -113,42 +108,78 @@ def format_estimates(estimates: list[MemoryEstimate]) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB (Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (shared tensors once), plus 4-bit quantization constants.
+    Works on meta-device models too (tied tensors are then told apart as objects: they have no storage)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+    return total
 
 
-def _reset_peak() -> None:
-    """Make VmHWM (peak RSS) restart from the current RSS (Linux ≥ 4.0)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    now = _proc_status_bytes("VmRSS")
+    return now if now is not None else peak_rss_bytes()
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux ≥ 4.0), so what ran before (imports, setup) does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since :func:`reset_peak_rss` (Linux), or of the process (ru_maxrss)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux, bytes on macOS
 
 
 def _parametrize_here(base_config: dict) -> dict:
     """In this process: build a random base model, then factorize it, recording resident memory around it."""
     config = AutoConfig.for_model(**base_config)
     gc.collect()
-    before = _status_kib("VmRSS")
+    before = rss_bytes()
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).eval()
     gc.collect()
-    with_base = _status_kib("VmRSS")
-    base_bytes = _unique_bytes(base)  # before: parametrizing happens in place
-    _reset_peak()
+    with_base = rss_bytes()
+    base_bytes = model_bytes(base)  # before: parametrizing happens in place
+    reset_peak_rss()
     model = ACIPModel.from_base_model(base)
     gc.collect()
-    peak = _status_kib("VmHWM")
-    after = _status_kib("VmRSS")
+    peak, after = peak_rss_bytes(), rss_bytes()
     return {
         "base_bytes": base_bytes,
-        "parametrized_bytes": _unique_bytes(model),
-        "base_rss_bytes": 1024 * (with_base - before),
-        "peak_rss_bytes": 1024 * (peak - before),
-        "final_rss_bytes": 1024 * (after - before),
+        "parametrized_bytes": model_bytes(model),
+        "base_rss_bytes": with_base - before,
+        "peak_rss_bytes": peak - before,
+        "final_rss_bytes": after - before,
     }
 
 
