@@ -27,6 +27,14 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
         )  # fmt: skip
 
 
+def _add_run_options(parser: argparse.ArgumentParser, result: str, config_class) -> None:
+    """The options of a training command: where it writes, resume, overwrite, and one per config field."""
+    parser.add_argument("--output-dir", required=True, help=f"where {result}, log and checkpoints go")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    _add_config_options(parser, config_class)
+
+
 def _config_overrides(args: argparse.Namespace, config_class) -> dict:
     """The config fields given on the command line."""
     fields = dataclasses.fields(config_class)
@@ -137,20 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="run ACIP on a base model and save a prunable ACIP model")
     compress.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings to start from")
-    compress.add_argument("--output-dir", required=True, help="where the ACIP model, log and checkpoints go")
-    compress.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    compress.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    _add_config_options(compress, ACIPRunConfig)
+    _add_run_options(compress, "the ACIP model", ACIPRunConfig)
     compress.set_defaults(main=compress_main)
 
     tune = commands.add_parser(
         "finetune", help="prune a saved ACIP model to a size, compress (and 4-bit quantize), then LoRA fine-tune it"
     )
     tune.add_argument("model_dir", help="a saved ACIP model (e.g. the output of acip compress)")
-    tune.add_argument("--output-dir", required=True, help="where the fine-tuned model, log and checkpoints go")
-    tune.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    tune.add_argument("--overwrite", action="store_true", help="replace a previous result in --output-dir")
-    _add_config_options(tune, FinetuneConfig)
+    _add_run_options(tune, "the fine-tuned model", FinetuneConfig)
     tune.set_defaults(main=finetune_main)
 
     export = commands.add_parser(

@@ -70,6 +70,13 @@ def pruning_restored(model: ACIPModel):
                 layer.mask.copy_(saved[name])
 
 
+def check_ratio(ratio, name: str = "ratio") -> float:
+    """One size ratio to prune to, as a float, or a ValueError naming ``name`` and the allowed range (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
+    return float(ratio)
+
+
 def check_ratios(ratios: Sequence[float]) -> list[float]:
     """The ratios as floats, or a ValueError naming the bad one and the allowed range."""
     ratios = [float(r) for r in ratios]

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from .data import hub_dataset_name
 from .default_model import HUB_NAME
+from .evaluation import check_ratio
 from .files import write_atomically
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .report import REPORT_STEM, read_report
@@ -70,8 +71,8 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if repo_id is not None:
         check_repo_id(repo_id)
-    if ratio is not None and (isinstance(ratio, bool) or not 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
+    if ratio is not None:
+        check_ratio(ratio)
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {quantize!r}")
     if dtype is not None and dtype not in DTYPES:

@@ -25,7 +25,7 @@ from .checkpoints import (
     restore_rng, rng_tensors, save_checkpoint, truncate_log,
 )  # fmt: skip
 from .data import TrainBatches, load_blocks
-from .evaluation import perplexity
+from .evaluation import check_ratio, perplexity
 from .files import write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .training import RUN_FILE
@@ -63,8 +63,8 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.ratio is not None:
+            check_ratio(self.ratio)
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
             raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {self.quantize!r}")
         if self.save not in SAVE_MODES:
@@ -124,6 +124,10 @@ class Finetuner:
         self.model = load_compressed(model_dir, config, self.device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.batches = TrainBatches(config.data, self.tokenizer, config.block_size, config.batch_size, seed=config.seed)
+        self.eval_windows = (
+            load_blocks(config.eval_data, self.tokenizer, config.eval_block_size, config.eval_blocks)
+            if config.eval_blocks else None
+        )  # fmt: skip
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=config.target_modules,
@@ -139,13 +143,9 @@ class Finetuner:
 
     def held_out_perplexity(self) -> float | None:
         """Perplexity on the first ``eval_blocks`` windows of the held-out text (None when eval_blocks is 0)."""
-        if not self.config.eval_blocks:
+        if self.eval_windows is None:
             return None
-        if not hasattr(self, "_eval_windows"):
-            self._eval_windows = load_blocks(
-                self.config.eval_data, self.tokenizer, self.config.eval_block_size, self.config.eval_blocks
-            )
-        return perplexity(self.peft_model, self._eval_windows, batch_size=self.config.batch_size, desc="perplexity")
+        return perplexity(self.peft_model, self.eval_windows, batch_size=self.config.batch_size, desc="perplexity")
 
     def _train_step(self, data) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches."""

@@ -33,6 +33,15 @@ def tiny_config(tiny_run, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**settings, **overrides})
 
 
+def trained(tiny_run, output_dir, steps: int, **overrides) -> Finetuner:
+    """A fine-tuner after ``steps`` training steps, not yet saved."""
+    tuner = Finetuner(tiny_run[0], tiny_config(tiny_run, steps=steps, **overrides), output_dir)
+    data = tuner.batches.batches()
+    for _ in range(steps):
+        tuner._train_step(data)
+    return tuner
+
+
 def losses(folder) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "finetune_log.jsonl").read_text().splitlines()]
 
@@ -57,10 +66,7 @@ def test_finetune_lowers_the_loss_and_saves_a_merged_model_without_extra_modules
 
 
 def test_merged_and_unmerged_outputs_agree(tiny_run, tmp_path):
-    tuner = Finetuner(tiny_run[0], tiny_config(tiny_run, steps=5), tmp_path)
-    data = tuner.batches.batches()
-    for _ in range(5):
-        tuner._train_step(data)
+    tuner = trained(tiny_run, tmp_path, steps=5)
     ids = token_ids()
     with torch.no_grad():
         unmerged = tuner.peft_model.eval()(ids).logits
@@ -72,11 +78,7 @@ def test_merged_and_unmerged_outputs_agree(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_adapter_mode_saves_the_compressed_model_and_an_adapter_that_reloads(tiny_run, tmp_path, quantize):
-    config = tiny_config(tiny_run, steps=6, save="adapter", quantize=quantize)
-    tuner = Finetuner(tiny_run[0], config, tmp_path)
-    data = tuner.batches.batches()
-    for _ in range(6):
-        tuner._train_step(data)
+    tuner = trained(tiny_run, tmp_path, steps=6, save="adapter", quantize=quantize)
     ids = token_ids()
     with torch.no_grad():
         expected = tuner.peft_model.eval()(ids).logits
