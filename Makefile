@@ -32,4 +32,5 @@ bench: setup
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/checkpointing.py
 	$(PY) benchmarks/quality.py

@@ -10,6 +10,7 @@ import time
 import typing
 from pathlib import Path
 
+from .distributed import DataParallel
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
 from .finetune import FinetuneConfig, finetune
 from .hub.modeling_acip import QUANT_TYPES
@@ -19,10 +20,14 @@ from .training import PRESETS, ACIPRunConfig, preset, run_acip
 def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
     """One option per field of a config dataclass, with the field's help text; unset options keep the default."""
     for f in dataclasses.fields(config_class):
+        option = f"--{f.name.replace('_', '-')}"
+        if f.type is bool:  # --name / --no-name
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            continue
         kind = typing.get_args(f.type)[0] if typing.get_origin(f.type) is not None else f.type
         kind = kind if kind in (int, float) else str
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=f.metadata.get("choices"),
+            option, type=kind, default=None, choices=f.metadata.get("choices"),
             help=f.metadata.get("help", ""),
         )  # fmt: skip
 
@@ -46,10 +51,11 @@ def compress_main(args: argparse.Namespace) -> None:
     config = preset(args.preset, **_config_overrides(args, ACIPRunConfig))
     start = time.perf_counter()
     model = run_acip(config, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    print(
-        f"saved {args.output_dir} in {time.perf_counter() - start:.0f} s: {len(model.config.target_modules)} "
-        "parametrized layers; prune it with model.prune_model_by_score(compression_ratio=...)"
-    )
+    if DataParallel().is_main:
+        print(
+            f"saved {args.output_dir} in {time.perf_counter() - start:.0f} s: {len(model.config.target_modules)} "
+            "parametrized layers; prune it with model.prune_model_by_score(compression_ratio=...)"
+        )
 
 
 def finetune_main(args: argparse.Namespace) -> None:
@@ -57,6 +63,8 @@ def finetune_main(args: argparse.Namespace) -> None:
     config = FinetuneConfig(**_config_overrides(args, FinetuneConfig))
     start = time.perf_counter()
     finetune(args.model_dir, args.output_dir, config, resume=args.resume, overwrite=args.overwrite)
+    if not DataParallel().is_main:
+        return
     record = json.loads((Path(args.output_dir) / "finetune_run.json").read_text())
     before, after = record.get("perplexity_before"), record.get("perplexity_after")
     held_out = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""

@@ -22,10 +22,13 @@ def smollm2_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_default_model(
+    dtype: torch.dtype = torch.float32, device_map: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file (weights de-quantized to ``dtype``)."""
     folder = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype, device_map=device_map)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model.name_or_path = HUB_NAME  # what the weights are; the GGUF path is only how they travelled
     return model, tokenizer

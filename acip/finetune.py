@@ -25,10 +25,11 @@ from .checkpoints import (
     restore_rng, rng_tensors, save_checkpoint, truncate_log,
 )  # fmt: skip
 from .data import TrainBatches, load_blocks
+from .distributed import DataParallel
 from .evaluation import check_ratio, perplexity
 from .files import write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .training import RUN_FILE
+from .training import RUN_FILE, check_same_processes, set_gradient_checkpointing
 
 FINETUNE_FILE = "finetune_run.json"
 LOG_FILE = "finetune_log.jsonl"
@@ -60,6 +61,7 @@ class FinetuneConfig:
     save: str = field(default="merged", metadata={"help": "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed model plus the peft adapter", "choices": SAVE_MODES})
     checkpoint_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
@@ -116,14 +118,19 @@ class Finetuner:
 
         config.validate()
         self.config, self.model_dir, self.output_dir = config, str(model_dir), Path(output_dir)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.processes = DataParallel()
+        self.device = self.processes.device
         # As in the ACIP run: bf16 weights and autocast on CUDA; float32 on the CPU.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         torch.manual_seed(config.seed)
         self.model = load_compressed(model_dir, config, self.device, dtype)
+        if config.gradient_checkpointing:
+            set_gradient_checkpointing(self.model, True)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.batches = TrainBatches(config.data, self.tokenizer, config.block_size, config.batch_size, seed=config.seed)
+        # Global batches of batch_size × processes sequences; each process reads its own rows (acip.distributed).
+        world = self.processes.world_size
+        self.batches = TrainBatches(config.data, self.tokenizer, config.block_size, config.batch_size * world, config.seed)
         self.eval_windows = (
             load_blocks(config.eval_data, self.tokenizer, config.eval_block_size, config.eval_blocks)
             if config.eval_blocks else None
@@ -138,6 +145,7 @@ class Finetuner:
         self.step = 0
         self.elapsed = 0.0
         self.record = {"config": dataclasses.asdict(config), "model": self.model_dir, "finished": False,
+                       "processes": world, "global_batch": config.batch_size * world * config.grad_accum,
                        "size_ratio": self.model.get_size_ratio(),
                        "base_model": self.model.config.base_model_name_or_path}  # fmt: skip
 
@@ -155,12 +163,13 @@ class Finetuner:
             group["lr"] = self.config.lr_at(self.step)
         loss_total, tokens = 0.0, 0
         for _ in range(self.config.grad_accum):
-            ids = next(data).to(self.device)  # (B, T)
+            ids = self.processes.shard(next(data)).to(self.device)  # (B, T): this process's rows
             with self.autocast:
                 loss = self.peft_model(input_ids=ids, labels=ids).loss
             (loss / self.config.grad_accum).backward()
             loss_total += loss.item() / self.config.grad_accum
-            tokens += ids.numel()
+            tokens += ids.numel() * self.processes.world_size
+        self.processes.average_gradients(self.params)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
@@ -168,20 +177,23 @@ class Finetuner:
         seconds = time.perf_counter() - start
         self.elapsed += seconds
         self.step += 1
-        return {"step": self.step, "loss": loss_total, "lr": self.config.lr_at(self.step - 1),
+        return {"step": self.step, "loss": self.processes.mean(loss_total), "lr": self.config.lr_at(self.step - 1),
                 "tokens_per_s": tokens / seconds}  # fmt: skip
 
     def run(self) -> ACIPModel:
         """Perplexity before, the training steps (continuing from the current one), perplexity after, save."""
+        main = self.processes.is_main
         if self.step == 0:
             self.record["perplexity_before"] = self.held_out_perplexity()
-            write_json(self.output_dir / FINETUNE_FILE, self.record)
+            if main:
+                write_json(self.output_dir / FINETUNE_FILE, self.record)
         data = self.batches.batches(start=self.step * self.config.grad_accum)
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="LoRA fine-tuning", unit="step")
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="LoRA fine-tuning", unit="step", disable=not main)
         while self.step < self.config.steps:
             stats = self._train_step(data)
-            with open(self.output_dir / LOG_FILE, "a") as log:
-                log.write(json.dumps(stats) + "\n")
+            if main:
+                with open(self.output_dir / LOG_FILE, "a") as log:
+                    log.write(json.dumps(stats) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
             every = self.config.checkpoint_every
@@ -193,21 +205,26 @@ class Finetuner:
 
     @torch.no_grad()
     def save(self) -> ACIPModel:
-        """Write the result: the merged model, or the compressed model with the adapter in ``adapter/``; returns the
-        fine-tuned model (a PeftModel in adapter mode)."""
-        out = self.output_dir
+        """Write the result (main process): the merged model, or the compressed model with the adapter in
+        ``adapter/``; every process returns the fine-tuned model (a PeftModel in adapter mode)."""
+        out, main = self.output_dir, self.processes.is_main
+        if self.config.gradient_checkpointing:
+            set_gradient_checkpointing(self.model, False)
         if self.config.save == "merged":
             model = self.peft_model.merge_and_unload()
         else:
-            self.peft_model.save_pretrained(out / ADAPTER_DIR)
+            if main:
+                self.peft_model.save_pretrained(out / ADAPTER_DIR)
             model = self.peft_model.unload()
-        model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        if (Path(self.model_dir) / RUN_FILE).exists():  # how the score map came about: the model card tells it
-            shutil.copy2(Path(self.model_dir) / RUN_FILE, out / RUN_FILE)
-        self.record.update(finished=True, steps=self.step, train_seconds=round(self.elapsed, 1))
-        write_json(out / FINETUNE_FILE, self.record)
-        remove_checkpoints(out)
+        if main:
+            model.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+            if (Path(self.model_dir) / RUN_FILE).exists():  # how the score map came about: the model card tells it
+                shutil.copy2(Path(self.model_dir) / RUN_FILE, out / RUN_FILE)
+            self.record.update(finished=True, steps=self.step, train_seconds=round(self.elapsed, 1))
+            write_json(out / FINETUNE_FILE, self.record)
+            remove_checkpoints(out)
+        self.processes.wait()
         if self.config.save == "adapter":  # hand back the fine-tuned model, as it will load from the saved files
             from peft import PeftModel
 
@@ -215,8 +232,11 @@ class Finetuner:
         return model
 
     @torch.no_grad()
-    def checkpoint(self) -> Path:
-        """Write the LoRA weights, optimizer and random state atomically (acip.checkpoints)."""
+    def checkpoint(self) -> Path | None:
+        """Write the LoRA weights, optimizer and random state atomically (acip.checkpoints); the main process writes,
+        the others hold the same state and return None."""
+        if not self.processes.is_main:
+            return None
         lora = {f"lora.{n}": p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         optim, param_groups = optimizer_tensors(self.optimizer)
         meta = {"step": self.step, "elapsed": self.elapsed, "param_groups": param_groups, "record": self.record}
@@ -251,13 +271,20 @@ def finetune(
     """
     config = config or FinetuneConfig()
     run_file = Path(output_dir) / FINETUNE_FILE
-    if resume and run_file.exists():  # a resumed run keeps the settings it was started with
-        config = FinetuneConfig(**json.loads(run_file.read_text())["config"])
+    processes = DataParallel()
+    if resume and run_file.exists():  # a resumed run keeps the settings, and the data split, it was started with
+        record = json.loads(run_file.read_text())
+        config = FinetuneConfig(**record["config"])
+        check_same_processes(record, processes.world_size)
     config.validate()
-    output_dir = prepare_output_dir(output_dir, resume, overwrite)
+    if processes.is_main:
+        prepare_output_dir(output_dir, resume, overwrite)
+    processes.wait()
+    output_dir = Path(output_dir)
     tuner = Finetuner(model_dir, config, output_dir)
     if resume:
         tuner.load_checkpoint(latest_checkpoint(output_dir))
-        truncate_log(output_dir / LOG_FILE, tuner.step)
+        if processes.is_main:
+            truncate_log(output_dir / LOG_FILE, tuner.step)
     return tuner.run()
 

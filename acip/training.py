@@ -14,10 +14,13 @@ The algorithm (arXiv 2502.01717), with its published settings as the ``paper`` p
    (1000 steps); finally LoRA is merged into the factors and the full model is saved with its score map.
 
 Beyond the original: dead ranks are sliced out while training (acip.compaction), so steps get cheaper as the masks
-die; checkpoints are atomic and a killed run resumes to the same score map.
+die; checkpoints are atomic and a killed run resumes to the same score map; under ``accelerate launch`` the run is
+data parallel over N processes (acip.distributed), with optional gradient checkpointing and a device map for bases
+larger than one GPU.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -35,12 +38,20 @@ from .checkpoints import (
 )  # fmt: skip
 from .compaction import RankCompactor, rank_slots
 from .data import TrainBatches
+from .distributed import DataParallel
 from .files import write_json
 from .default_model import DEFAULT_MODEL, load_default_model
 from .hub.modeling_acip import ACIPModel
 
 RUN_FILE = "acip_run.json"
 LOG_FILE = "run_log.jsonl"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' automatic placements
+
+
+def check_device_map(device_map: str | None) -> None:
+    """A clear error for a device map the run cannot use."""
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {DEVICE_MAPS} or None, got {device_map!r}")
 
 
 @dataclass
@@ -67,9 +78,12 @@ class ACIPRunConfig:
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "linear layers to leave dense"})
     checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
+    device_map: str | None = field(default=None, metadata={"help": "spread the base model over every visible GPU (one process; for models larger than one GPU)", "choices": DEVICE_MAPS})
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
+        check_device_map(self.device_map)
         if not 0 < self.stop_ratio < 1:
             raise ValueError(f"stop_ratio must be in (0, 1), got {self.stop_ratio}")
         for name in ("block_size", "batch_size", "grad_accum", "lambda_every", "max_steps", "lora_r"):
@@ -119,12 +133,38 @@ def preset(name: str, **overrides) -> ACIPRunConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_base_model(name: str, dtype: torch.dtype):
-    """The base causal LM and its tokenizer: the embedded SmolLM2, or a local folder / Hub name."""
+def load_base_model(name: str, dtype: torch.dtype, device_map: str | None = None):
+    """The base causal LM and its tokenizer: the embedded SmolLM2, or a local folder / Hub name.
+
+    Weights are loaded straight into their final place (transformers builds the model on the meta device first, so
+    no random initialisation and no second copy); ``device_map`` (e.g. "auto") spreads the layers over the visible
+    GPUs, each layer is later factorized on its own device. Offloading to disk is refused: ACIP needs every weight.
+    """
     if name == DEFAULT_MODEL:
-        return load_default_model(dtype)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(name)
+        model, tokenizer = load_default_model(dtype, device_map=device_map)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    if placed & {"disk", "meta"}:
+        raise ValueError(
+            f"{name} does not fit the GPUs and CPU memory here (device_map={device_map!r} put layers on disk); "
+            "ACIP needs every weight in memory: use more or larger GPUs"
+        )
+    return model, tokenizer
+
+
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Switch recomputing activations block by block in the backward pass (non-reentrant) on or off."""
+    # transformers 5.x renamed gradient to activation checkpointing; the old names warn, and earlier 5.x lack the new
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _update_scores(scores: torch.Tensor, alive: torch.Tensor, mask: torch.Tensor) -> None:
@@ -150,20 +190,29 @@ class ACIPTrainer:
         config.validate()
         self.config = config
         self.output_dir = Path(output_dir)
-        self.device = base_model.device if base_model is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
+        self.processes = DataParallel()
+        if config.device_map is not None and self.processes.world_size > 1:
+            raise ValueError(
+                "device_map spreads one model over every GPU, so it needs a single process; "
+                f"this run has {self.processes.world_size} (accelerate launch --num_processes)"
+            )
+        self.device = base_model.device if base_model is not None else self.processes.device
         # bf16 compute on CUDA; float32 on the CPU, where bf16 matmuls are slow without AVX512-BF16.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same on every process: LoRA starts identical everywhere
         if base_model is None:
-            base_model, tokenizer = load_base_model(config.base_model, self.dtype)
-            base_model.to(self.device)
+            base_model, tokenizer = load_base_model(config.base_model, self.dtype, config.device_map)
+            if config.device_map is None:
+                base_model.to(self.device)
+            self.device = base_model.get_input_embeddings().weight.device  # where the input ids go
         self.tokenizer = tokenizer
-        self.batches = TrainBatches(config.data, tokenizer, config.block_size, config.batch_size, seed=config.seed)
+        # One global batch of batch_size × processes sequences per micro-batch; each process reads its own rows.
+        self.batches = TrainBatches(
+            config.data, tokenizer, config.block_size, config.batch_size * self.processes.world_size, seed=config.seed
+        )
 
         from peft import LoraConfig, get_peft_model
 
@@ -171,8 +220,15 @@ class ACIPTrainer:
             base_model, config.target_modules, config.exclude_modules, mask_constant=config.mask_constant
         )
         self.model.requires_grad_(False)
+        if config.gradient_checkpointing:
+            set_gradient_checkpointing(self.model, True)
         self.layers = self.model.acip_layers()
-        self.fingerprint = [float(layer.sv.weight.double().sum()) for layer in self.layers.values()]
+        self.fingerprint = self._factor_fingerprint()
+        if not self.processes.same_everywhere(self.fingerprint):
+            # Another GPU's SVD may differ in the last bits (or in the sign of a singular vector): every process
+            # must train the same factors, so they take the main process's.
+            self.processes.copy_from_main([t for layer in self.layers.values() for t in layer.parameters()])
+            self.fingerprint = self._factor_fingerprint()
         factors = [f"model.{name}.{part}" for name in self.layers for part in ("sv", "u")]
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=factors
@@ -194,6 +250,10 @@ class ACIPTrainer:
 
     # -----------------------------------------------------------------------------------------------------------------
 
+    def _factor_fingerprint(self) -> list[float]:
+        """A checksum per layer of the SVD factors: a resumed run, and every process, must start from the same."""
+        return [float(layer.sv.weight.double().sum()) for layer in self.layers.values()]
+
     def size_ratio(self) -> float:
         """Size ratio of the parametrized layers at the current masks."""
         return self.model.get_size_ratio()
@@ -209,31 +269,35 @@ class ACIPTrainer:
         self.peft_model.train()
         task_total, tokens = 0.0, 0
         for _ in range(self.config.grad_accum):
-            ids = next(data).to(self.device)
+            ids = self.processes.shard(next(data)).to(self.device)  # (B, T): this process's rows
             with self.autocast:
                 loss = self.peft_model(input_ids=ids, labels=ids).loss
             (loss / self.config.grad_accum).backward()
             task_total += loss.item() / self.config.grad_accum
-            tokens += ids.numel()
+            tokens += ids.numel() * self.processes.world_size
         l1 = sum(torch.relu(m).sum() for m in self.masks)  # float32, as the masks are
         if lam is not None:
-            (lam * l1).backward()
+            (lam * l1).backward()  # the same on every process, so averaging leaves it as it is
+        self.processes.average_gradients(self.masks + list(self.lora_params.values()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         self.elapsed += seconds
-        return {"loss": task_total, "l1": l1.item(), "tokens_per_s": tokens / seconds, "seconds": seconds}
+        return {"loss": self.processes.mean(task_total), "l1": l1.item(), "tokens_per_s": tokens / seconds,
+                "seconds": seconds}  # fmt: skip
 
     def _log(self, record: dict) -> None:
-        with open(self.output_dir / LOG_FILE, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        if self.processes.is_main:
+            with open(self.output_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps(record) + "\n")
 
     def run(self) -> ACIPModel:
         """Prune until the stop ratio, post-tune, save; returns the saved model. Continues from the current step."""
         config = self.config
         data = self._micro_batches()
         ratio = self.size_ratio()
-        bar = tqdm(desc="ACIP pruning", unit="step", initial=self.step, disable=not self.pruning)
+        quiet = not self.processes.is_main
+        bar = tqdm(desc="ACIP pruning", unit="step", initial=self.step, disable=quiet or not self.pruning)
         while self.pruning and ratio > config.stop_ratio and self.step < config.max_steps:
             lam = config.lam(self.step)
             stats = self._train_step(data, lam)
@@ -250,12 +314,14 @@ class ACIPTrainer:
                             tok_s=f"{stats['tokens_per_s']:.0f}")
             self._maybe_checkpoint()
         bar.close()
+        if not self.processes.same_everywhere(self.score_digest()):
+            raise RuntimeError("the processes of this run hold different score maps (their gradients diverged)")
         if self.pruning:
             self.pruning = False
             for mask in self.masks:  # frozen from here on; their optimizer group gets no gradients
                 mask.requires_grad_(False)
             self.compactor.compact_dead(force=True)
-        for _ in tqdm(range(self.post_step, config.post_tune_steps), desc="LoRA post-tuning", unit="step"):
+        for _ in tqdm(range(self.post_step, config.post_tune_steps), desc="LoRA post-tuning", unit="step", disable=quiet):
             stats = self._train_step(data, None)
             self.post_step += 1
             self._log({"step": self.step + self.post_step, "phase": "post-tune", "size_ratio": ratio, **stats})
@@ -266,22 +332,32 @@ class ACIPTrainer:
     # Result and checkpoints
     # -----------------------------------------------------------------------------------------------------------------
 
+    def score_digest(self) -> str:
+        """A hash of the score map, to check that every process holds the same one."""
+        scores = torch.cat([self.scores[name] for name in self.layers])
+        return hashlib.sha256(scores.numpy().tobytes()).hexdigest()
+
     @torch.no_grad()
     def save(self) -> ACIPModel:
-        """Restore full rank, merge LoRA into the factors, write the score map, save model + tokenizer."""
+        """Restore full rank, merge LoRA into the factors, write the score map, save model + tokenizer (main
+        process); every process returns the model."""
         self.compactor.restore()
+        if self.config.gradient_checkpointing:
+            set_gradient_checkpointing(self.model, False)
         model = self.peft_model.merge_and_unload()
         for name, layer in model.acip_layers().items():
             layer.score.copy_(self.scores[name])
             layer.set_kept(torch.ones_like(layer.kept))  # saved unpruned: users choose the size
         model.requires_grad_(False)
-        model.save_pretrained(self.output_dir)
-        self.tokenizer.save_pretrained(self.output_dir)
-        record = json.loads((self.output_dir / RUN_FILE).read_text())
-        record.update(finished=True, pruning_steps=self.step, post_tune_steps=self.post_step,
-                      train_seconds=round(self.elapsed, 1))
-        write_json(self.output_dir / RUN_FILE, record)
-        remove_checkpoints(self.output_dir)
+        if self.processes.is_main:
+            model.save_pretrained(self.output_dir)
+            self.tokenizer.save_pretrained(self.output_dir)
+            record = json.loads((self.output_dir / RUN_FILE).read_text())
+            record.update(finished=True, pruning_steps=self.step, post_tune_steps=self.post_step,
+                          train_seconds=round(self.elapsed, 1))
+            write_json(self.output_dir / RUN_FILE, record)
+            remove_checkpoints(self.output_dir)
+        self.processes.wait()
         return model
 
     def _unsliced_lora(self) -> dict[str, torch.Tensor]:
@@ -295,8 +371,11 @@ class ACIPTrainer:
             self.checkpoint()
 
     @torch.no_grad()
-    def checkpoint(self) -> Path:
-        """Write everything a resumed run needs, atomically (acip.checkpoints)."""
+    def checkpoint(self) -> Path | None:
+        """Write everything a resumed run needs, atomically (acip.checkpoints); the main process writes, the others
+        hold the same state and return None."""
+        if not self.processes.is_main:
+            return None
         tensors = rng_tensors()
         for layer_name in self.layers:
             for key, value in self.compactor.full(layer_name).items():
@@ -354,15 +433,34 @@ def run_acip(
     ``base_model``/``tokenizer`` replace loading ``config.base_model`` (for tests and notebooks).
     """
     run_file = Path(output_dir) / RUN_FILE
-    if resume and run_file.exists():  # a resumed run keeps the settings it was started with
-        config = ACIPRunConfig(**json.loads(run_file.read_text())["config"])
+    processes = DataParallel()
+    record = json.loads(run_file.read_text()) if resume and run_file.exists() else None
+    if record is not None:  # a resumed run keeps the settings, and the data split, it was started with
+        config = ACIPRunConfig(**record["config"])
+        check_same_processes(record, processes.world_size)
     config.validate()
-    output_dir = prepare_output_dir(output_dir, resume, overwrite)
+    if processes.is_main:
+        prepare_output_dir(output_dir, resume, overwrite)
+    processes.wait()
+    output_dir = Path(output_dir)
     trainer = ACIPTrainer(config, output_dir, base_model=base_model, tokenizer=tokenizer)
     if resume:
         trainer.load_checkpoint(latest_checkpoint(output_dir))
-        truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
-    else:
-        write_json(run_file, {"config": dataclasses.asdict(config), "finished": False})
+        if processes.is_main:
+            truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
+    elif processes.is_main:
+        write_json(run_file, {"config": dataclasses.asdict(config), "processes": processes.world_size,
+                              "global_batch": config.batch_size * processes.world_size * config.grad_accum,
+                              "finished": False})  # fmt: skip
     return trainer.run()
+
+
+def check_same_processes(record: dict, world_size: int) -> None:
+    """A resumed run must split its global batches as the run it continues did."""
+    started = record.get("processes", 1)
+    if started != world_size:
+        raise ValueError(
+            f"this run was started with {started} process(es) and is resumed with {world_size}: each step's global "
+            f"batch would change; resume with accelerate launch --num_processes {started}"
+        )
 
