@@ -16,6 +16,9 @@ AUTO_MAP = {
 }
 
 
+BASES = ("weight", "whitened")
+
+
 class ACIPConfig(PretrainedConfig):
     """Configuration for :class:`ACIPModel`: a base causal LM whose linear layers are SVD-parametrized.
 
@@ -29,6 +32,8 @@ class ACIPConfig(PretrainedConfig):
         layer_ranks: for a compressed model, the rank of each target layer that stayed factorized.
         dense_modules: for a compressed model, the target layers stored as dense ``nn.Linear`` again.
         base_model_name_or_path: where the base model came from (informational; never loaded).
+        basis: the singular basis the layers were factorized in: ``"weight"`` (SVD of W) or ``"whitened"`` (SVD of
+            W·L, L Lᵀ the Gram matrix of the layer's calibration inputs). Informational: shapes do not depend on it.
     """
 
     model_type = "acip"
@@ -43,6 +48,7 @@ class ACIPConfig(PretrainedConfig):
         layer_ranks: dict[str, int] | None = None,
         dense_modules: list[str] | None = None,
         base_model_name_or_path: str | None = None,
+        basis: str = "weight",
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -55,6 +61,9 @@ class ACIPConfig(PretrainedConfig):
         self.layer_ranks = {name: int(rank) for name, rank in (layer_ranks or {}).items()}
         self.dense_modules = list(dense_modules or [])
         self.base_model_name_or_path = base_model_name_or_path
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        self.basis = basis
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
         if self.compressed:

@@ -10,6 +10,7 @@ import ctypes
 import math
 import numbers
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -180,9 +181,15 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         target_modules: str | list[str] = "all-linear",
         exclude_modules: str | list[str] | None = None,
         mask_constant: float = 2e-2,
+        whitening: Callable[[str], torch.Tensor] | None = None,
     ) -> "ACIPModel":
-        """Wrap a loaded causal LM, replacing its target linear layers by SVD-parametrized ones in place (float32 SVD,
-        one layer at a time on the layer's device). At every ratio 1.0 the result computes what the base model did."""
+        """Wrap a loaded causal LM, replacing its target linear layers by SVD-parametrized ones in place (one layer at
+        a time, in module order, on the layer's device). At ratio 1.0 the result computes what the base model did.
+
+        ``whitening`` selects the whitened basis: called with each target's name (after every earlier target was
+        replaced), it returns the layer's lower-triangular input Gram factor L (see ``SVDLinear.from_linear``);
+        ``acip.whitening`` computes it from calibration text, one decoder block at a time. None: the weight's SVD.
+        """
         names = find_target_modules(base_model, target_modules, exclude_modules)
         # The targets are plain float layers (checked above), so any quantization record of the base model (e.g. the
         # GGUF file it was de-quantized from) no longer describes the weights; kept, it would mark reloads as quantized.
@@ -193,6 +200,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             target_modules=names,
             mask_constant=mask_constant,
             base_model_name_or_path=getattr(base_model, "name_or_path", None) or None,
+            basis="weight" if whitening is None else "whitened",
         )
         with torch.device("meta"):  # the structure only: the base model's own modules are put in below
             model = cls(config)
@@ -200,7 +208,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         model.generation_config = base_model.generation_config
         for name in names:
             dense = base_model.get_submodule(name)
-            base_model.set_submodule(name, SVDLinear.from_linear(dense, mask_constant))
+            factor = whitening(name) if whitening is not None else None
+            base_model.set_submodule(name, SVDLinear.from_linear(dense, mask_constant, whitening=factor))
+            del factor
             del dense  # free each dense weight as soon as its factors exist
             _release_freed_memory()
         model.train(base_model.training)

@@ -126,14 +126,30 @@ class SVDLinear(LowRankLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, mask_constant: float = 2e-2) -> "SVDLinear":
-        """Factorize a dense layer by its SVD (in float32, on the layer's device); the result reproduces it exactly.
+    def from_linear(
+        cls, linear: nn.Linear, mask_constant: float = 2e-2, whitening: torch.Tensor | None = None
+    ) -> "SVDLinear":
+        """Factorize a dense layer by its SVD (on the layer's device); the result reproduces it exactly.
 
-        The factors are the SVD's own output tensors, scaled in place: besides the SVD's workspace nothing is
-        allocated, so parametrizing a model layer by layer never holds more than the finished model plus one layer.
+        Plain basis (``whitening`` None): the SVD of W, in float32; the factors are the SVD's own output tensors,
+        scaled in place, so besides the SVD's workspace nothing is allocated and parametrizing a model layer by layer
+        never holds more than the finished model plus one layer. Every score starts at ``mask_constant``.
+
+        Whitened basis: ``whitening`` is a lower-triangular (in, in) L with L Lᵀ = XᵀX, the Gram matrix of the
+        layer's inputs. Then W L = U S Vᵀ and W = U · S (Vᵀ L⁻¹), in float64: dropping the smallest singular values
+        of W L removes the least output energy on those inputs (‖(W − W_r) Xᵀ‖ = ‖(W L − (W L)_r)‖). The scores
+        start at the whitened singular values divided by their norm (the share of the layer's output each direction
+        carries, comparable across layers), so pruning a fresh model by score is already a data-aware truncation.
         """
         dtype, device = linear.weight.dtype, linear.weight.device
-        u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+        if whitening is None:
+            u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+            score = torch.full_like(s, mask_constant)
+        else:
+            chol = whitening.to(device=device, dtype=torch.float64)  # (in, in)
+            u, s, vh = torch.linalg.svd(linear.weight.double() @ chol, full_matrices=False)
+            vh = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # Vᵀ L⁻¹, (k, in)
+            score = (s / s.norm().clamp_min(torch.finfo(s.dtype).tiny)).float()  # comparable across layers
         with torch.device("meta"):  # the structure only; every tensor is put in below
             layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                         mask_constant=mask_constant, dtype=dtype)  # fmt: skip
@@ -141,8 +157,8 @@ class SVDLinear(LowRankLinear):
         layer.u.weight = nn.Parameter(u.div_(mask_constant).to(dtype))
         if linear.bias is not None:
             layer.u.bias = nn.Parameter(linear.bias.detach())  # the dense layer's own tensor: no copy
-        layer.mask = nn.Parameter(torch.full_like(s, mask_constant))
-        layer.score = torch.full_like(s, mask_constant)
+        layer.mask = nn.Parameter(torch.full_like(s, mask_constant, dtype=torch.float32))
+        layer.score = score
         return layer.to(device)
 
     def mask_value(self) -> torch.Tensor:

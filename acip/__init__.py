@@ -6,6 +6,7 @@ from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel
 from .hub.parametrization import LowRankLinear, SVDLinear, plan_pruning
 from .training import ACIPRunConfig, preset, run_acip
+from .whitening import parametrize
 
 # With acip imported, AutoModel & co. resolve saved ACIP folders to these classes even without trust_remote_code.
 AutoConfig.register("acip", ACIPConfig, exist_ok=True)
@@ -13,6 +14,7 @@ AutoModel.register(ACIPConfig, ACIPModel, exist_ok=True)
 AutoModelForCausalLM.register(ACIPConfig, ACIPModel, exist_ok=True)
 
 __all__ = [
-    "ACIPConfig", "ACIPModel", "ACIPRunConfig", "LowRankLinear", "SVDLinear", "plan_pruning", "preset", "run_acip",
+    "ACIPConfig", "ACIPModel", "ACIPRunConfig", "LowRankLinear", "SVDLinear", "parametrize", "plan_pruning", "preset",
+    "run_acip",
 ]
 __version__ = "0.1.0"

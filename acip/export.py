@@ -205,10 +205,14 @@ def _provenance(run: dict | None, tune: dict | None, base: str) -> str:
         text = f"Built with the `acip` package from `{base}`; no ACIP run record was saved with it."
     else:
         c = run["config"]
+        basis = "the singular basis of the weights"
+        if c.get("basis") == "whitened":
+            basis = (f"the whitened singular basis (input statistics of {c['calibration_blocks']} calibration "
+                     f"sequences of {c['calibration_block_size']} tokens)")  # fmt: skip
         text = (
-            f"One ACIP run on `{c['data']}` (sequences of {c['block_size']} tokens, batch {c['batch_size']}×"
-            f"{c['grad_accum']}, AdamW learning rate {c['lr']:g}, L1 weight {c['lambda_init']:g} growing ×"
-            f"{c['lambda_growth']:g} every {_steps(c['lambda_every'])}, LoRA rank {c['lora_r']}) trained the "
+            f"One ACIP run in {basis}, on `{c['data']}` (sequences of {c['block_size']} tokens, batch "
+            f"{c['batch_size']}×{c['grad_accum']}, AdamW learning rate {c['lr']:g}, L1 weight {c['lambda_init']:g} "
+            f"growing ×{c['lambda_growth']:g} every {_steps(c['lambda_every'])}, LoRA rank {c['lora_r']}) trained the "
             f"singular-value masks for {run.get('pruning_steps', '?')} steps, until the compressible layers reached "
             f"size ratio {c['stop_ratio']:g}; then LoRA alone was tuned for {run.get('post_tune_steps', '?')} steps "
             f"and merged into the factors ({run.get('train_seconds', '?')} s of training). The order in which the "

@@ -41,7 +41,9 @@ from .data import TrainBatches
 from .distributed import DataParallel
 from .files import write_json
 from .default_model import DEFAULT_MODEL, load_default_model
+from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel
+from .whitening import parametrize
 
 RUN_FILE = "acip_run.json"
 LOG_FILE = "run_log.jsonl"
@@ -78,15 +80,22 @@ class ACIPRunConfig:
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "linear layers to leave dense"})
     checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
+    basis: str = field(default="whitened", metadata={"help": "singular basis the masks act on: whitened (SVD of W·L, L Lᵀ the Gram matrix of the layer's calibration inputs; benchmarks/basis.py: 0.15-0.72x the perplexity) or weight (SVD of W, the paper's)", "choices": BASES})
+    calibration_data: str | None = field(default=None, metadata={"help": "text whose activations whiten the basis (basis whitened); default: the training data"})
+    calibration_blocks: int = field(default=32, metadata={"help": "sequences of calibration text (basis whitened)"})
+    calibration_block_size: int = field(default=256, metadata={"help": "tokens per calibration sequence (basis whitened)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
     device_map: str | None = field(default=None, metadata={"help": "spread the base model over every visible GPU (one process; for models larger than one GPU)", "choices": DEVICE_MAPS})
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
         check_device_map(self.device_map)
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
         if not 0 < self.stop_ratio < 1:
             raise ValueError(f"stop_ratio must be in (0, 1), got {self.stop_ratio}")
-        for name in ("block_size", "batch_size", "grad_accum", "lambda_every", "max_steps", "lora_r"):
+        for name in ("block_size", "batch_size", "grad_accum", "lambda_every", "max_steps", "lora_r",
+                     "calibration_blocks", "calibration_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lambda_init", "mask_constant"):
@@ -216,8 +225,13 @@ class ACIPTrainer:
 
         from peft import LoraConfig, get_peft_model
 
-        self.model = ACIPModel.from_base_model(
-            base_model, config.target_modules, config.exclude_modules, mask_constant=config.mask_constant
+        calibration = None
+        if config.basis == "whitened":  # random blocks, drawn as the training batches are (same on every process)
+            source = config.calibration_data or config.data
+            draw = TrainBatches(source, tokenizer, config.calibration_block_size, config.calibration_blocks, config.seed)
+            calibration = next(draw.batches())  # (N, T)
+        self.model = parametrize(
+            base_model, config.basis, calibration, config.target_modules, config.exclude_modules, config.mask_constant
         )
         self.model.requires_grad_(False)
         if config.gradient_checkpointing:

@@ -21,7 +21,8 @@ from acip.training import ACIPRunConfig, ACIPTrainer, check_same_processes, load
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = dict(block_size=32, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1, stop_ratio=0.5,
-           post_tune_steps=3, max_steps=200, checkpoint_every=0, lora_r=4, lora_alpha=8, lora_dropout=0.0)  # fmt: skip
+           post_tune_steps=3, max_steps=200, checkpoint_every=0, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+           basis="weight")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,9 @@ def test_a_few_acip_steps_on_smollm2_save_a_prunable_model(tmp_path):
     from acip.training import preset, run_acip
 
     base, tokenizer = load_default_model()
-    config = preset("quick", block_size=64, batch_size=2, max_steps=3, post_tune_steps=1, checkpoint_every=2)
+    # The weight basis: 210 float64 SVDs of the whitened basis would add a minute (benchmarks/basis.py covers it).
+    config = preset("quick", block_size=64, batch_size=2, max_steps=3, post_tune_steps=1, checkpoint_every=2,
+                    basis="weight")  # fmt: skip
     run_acip(config, tmp_path / "run", base_model=base, tokenizer=tokenizer)
 
     log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]

@@ -26,6 +26,7 @@ def tiny_config(corpus, **overrides) -> ACIPRunConfig:
     settings = dict(
         data=corpus, block_size=32, batch_size=4, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1,
         stop_ratio=0.5, post_tune_steps=3, max_steps=200, checkpoint_every=0, lora_r=4, lora_alpha=8,
+        calibration_blocks=8, calibration_block_size=32,  # the default whitened basis, on little text
     )
     return ACIPRunConfig(**{**settings, **overrides})
 
