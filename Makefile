@@ -33,4 +33,5 @@ bench: setup
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/checkpointing.py
+	$(PY) benchmarks/basis.py
 	$(PY) benchmarks/quality.py
