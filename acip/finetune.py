@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .checkpoints import (
-    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, prepare_output_dir, remove_checkpoints,
+    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, remove_checkpoints,
     restore_rng, rng_tensors, save_checkpoint, truncate_log,
 )  # fmt: skip
 from .data import TrainBatches, load_blocks
@@ -29,7 +29,7 @@ from .distributed import DataParallel
 from .evaluation import check_ratio, perplexity
 from .files import write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .training import RUN_FILE, check_same_processes, set_gradient_checkpointing
+from .training import RUN_FILE, accumulate_gradients, prepare_run, set_gradient_checkpointing
 
 FINETUNE_FILE = "finetune_run.json"
 LOG_FILE = "finetune_log.jsonl"
@@ -161,14 +161,9 @@ class Finetuner:
         self.peft_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(self.step)
-        loss_total, tokens = 0.0, 0
-        for _ in range(self.config.grad_accum):
-            ids = self.processes.shard(next(data)).to(self.device)  # (B, T): this process's rows
-            with self.autocast:
-                loss = self.peft_model(input_ids=ids, labels=ids).loss
-            (loss / self.config.grad_accum).backward()
-            loss_total += loss.item() / self.config.grad_accum
-            tokens += ids.numel() * self.processes.world_size
+        loss_total, tokens = accumulate_gradients(
+            self.peft_model, data, self.config.grad_accum, self.processes, self.device, self.autocast
+        )
         self.processes.average_gradients(self.params)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -269,18 +264,8 @@ def finetune(
     ``AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)``. ``resume`` continues a killed run
     from its last checkpoint with the settings it was started with; ``overwrite`` replaces a previous result.
     """
-    config = config or FinetuneConfig()
-    run_file = Path(output_dir) / FINETUNE_FILE
     processes = DataParallel()
-    if resume and run_file.exists():  # a resumed run keeps the settings, and the data split, it was started with
-        record = json.loads(run_file.read_text())
-        config = FinetuneConfig(**record["config"])
-        check_same_processes(record, processes.world_size)
-    config.validate()
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite)
-    processes.wait()
-    output_dir = Path(output_dir)
+    config, output_dir = prepare_run(config or FinetuneConfig(), output_dir, FINETUNE_FILE, resume, overwrite, processes)
     tuner = Finetuner(model_dir, config, output_dir)
     if resume:
         tuner.load_checkpoint(latest_checkpoint(output_dir))

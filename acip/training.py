@@ -281,14 +281,9 @@ class ACIPTrainer:
         """One optimizer step over ``grad_accum`` micro-batches; L1 term only while pruning (``lam`` not None)."""
         start = time.perf_counter()
         self.peft_model.train()
-        task_total, tokens = 0.0, 0
-        for _ in range(self.config.grad_accum):
-            ids = self.processes.shard(next(data)).to(self.device)  # (B, T): this process's rows
-            with self.autocast:
-                loss = self.peft_model(input_ids=ids, labels=ids).loss
-            (loss / self.config.grad_accum).backward()
-            task_total += loss.item() / self.config.grad_accum
-            tokens += ids.numel() * self.processes.world_size
+        task_loss, tokens = accumulate_gradients(
+            self.peft_model, data, self.config.grad_accum, self.processes, self.device, self.autocast
+        )
         l1 = sum(torch.relu(m).sum() for m in self.masks)  # float32, as the masks are
         if lam is not None:
             (lam * l1).backward()  # the same on every process, so averaging leaves it as it is
@@ -297,7 +292,7 @@ class ACIPTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         self.elapsed += seconds
-        return {"loss": self.processes.mean(task_total), "l1": l1.item(), "tokens_per_s": tokens / seconds,
+        return {"loss": self.processes.mean(task_loss), "l1": l1.item(), "tokens_per_s": tokens / seconds,
                 "seconds": seconds}  # fmt: skip
 
     def _log(self, record: dict) -> None:
@@ -446,27 +441,47 @@ def run_acip(
     ``overwrite`` replaces a previous run in ``output_dir``. A folder holding another run is refused otherwise.
     ``base_model``/``tokenizer`` replace loading ``config.base_model`` (for tests and notebooks).
     """
-    run_file = Path(output_dir) / RUN_FILE
     processes = DataParallel()
-    record = json.loads(run_file.read_text()) if resume and run_file.exists() else None
-    if record is not None:  # a resumed run keeps the settings, and the data split, it was started with
-        config = ACIPRunConfig(**record["config"])
-        check_same_processes(record, processes.world_size)
-    config.validate()
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite)
-    processes.wait()
-    output_dir = Path(output_dir)
+    config, output_dir = prepare_run(config, output_dir, RUN_FILE, resume, overwrite, processes)
     trainer = ACIPTrainer(config, output_dir, base_model=base_model, tokenizer=tokenizer)
     if resume:
         trainer.load_checkpoint(latest_checkpoint(output_dir))
         if processes.is_main:
             truncate_log(output_dir / LOG_FILE, trainer.step + trainer.post_step)
     elif processes.is_main:
-        write_json(run_file, {"config": dataclasses.asdict(config), "processes": processes.world_size,
+        write_json(output_dir / RUN_FILE, {"config": dataclasses.asdict(config), "processes": processes.world_size,
                               "global_batch": config.batch_size * processes.world_size * config.grad_accum,
                               "finished": False})  # fmt: skip
     return trainer.run()
+
+
+def accumulate_gradients(model, data, grad_accum: int, processes: DataParallel, device, autocast) -> tuple[float, int]:
+    """Forward and backward over ``grad_accum`` micro-batches, each this process's rows of the next global batch;
+    returns this process's mean task loss and the tokens of the global batches."""
+    loss_total, tokens = 0.0, 0
+    for _ in range(grad_accum):
+        ids = processes.shard(next(data)).to(device)  # (B, T): this process's rows
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        (loss / grad_accum).backward()
+        loss_total += loss.item() / grad_accum
+        tokens += ids.numel() * processes.world_size
+    return loss_total, tokens
+
+
+def prepare_run(config, output_dir, run_file: str, resume: bool, overwrite: bool, processes: DataParallel):
+    """The settings and folder of a run about to start: a resumed run keeps the settings (and the number of
+    processes) recorded in ``run_file``; the main process prepares the folder while the others wait for it."""
+    record_path = Path(output_dir) / run_file
+    if resume and record_path.exists():
+        record = json.loads(record_path.read_text())
+        config = type(config)(**record["config"])
+        check_same_processes(record, processes.world_size)
+    config.validate()
+    if processes.is_main:
+        prepare_output_dir(output_dir, resume, overwrite)
+    processes.wait()
+    return config, Path(output_dir)
 
 
 def check_same_processes(record: dict, world_size: int) -> None:
