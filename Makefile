@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test demo bench
+.PHONY: setup test test-slow demo bench
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# What `make test` skips: the real SmolLM2, fresh processes, two-process launches. CI runs both.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The quick preset on the embedded SmolLM2 (about 14 min on 2 cores), then held-out perplexity of the saved model
 # (table, eval_perplexity.csv/json/png in runs/demo; about 5 min).

@@ -53,6 +53,7 @@ def launch_two(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_prune_like_one_process_with_twice_the_batch(base, tmp_path):
     base_dir, words = base
     settings = dict(RUN, base_model=str(base_dir), data=words)
@@ -81,6 +82,7 @@ def test_two_processes_prune_like_one_process_with_twice_the_batch(base, tmp_pat
             assert torch.equal(layer.kept, two.acip_layers()[name].kept), (ratio, name)
 
 
+@pytest.mark.slow
 def test_two_processes_fine_tune_like_one_process_with_twice_the_batch(base, tmp_path):
     acip_dir, _ = save_tiny_run(tmp_path)
     words = base[1]

@@ -20,6 +20,7 @@ def test_model_bytes_counts_parameters_buffers_and_4bit_constants():
     assert model_bytes(model) - fp32 == pytest.approx(packed + absmax - 4 * 2 * packed, abs=4 * 1024)
 
 
+@pytest.mark.slow
 def test_report_rows_dense_compressed_and_4bit(tmp_path):
     acip_dir, _ = save_tiny_run(tmp_path)
     rows = efficiency_report(acip_dir, ratios=[0.5], prompt_tokens=16, new_tokens=4, repeats=1)

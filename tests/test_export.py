@@ -66,6 +66,7 @@ def test_exported_folders_hold_every_file_and_a_filled_model_card(exported):
     assert "model.prune_model_by_score(" not in (small / "README.md").read_text()  # compressed: nothing to prune
 
 
+@pytest.mark.slow
 def test_exported_folders_load_offline_in_a_fresh_process(exported):
     _, full, small = exported
     seen = check_folder(full)
@@ -93,6 +94,7 @@ def test_compressed_export_is_smaller_by_the_bytes_pruning_removes(exported):
     assert (small / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
 
 
+@pytest.mark.slow
 def test_quantized_bf16_export_needs_bitsandbytes_and_loads(exported, tmp_path):
     acip_dir, _, _ = exported
     out = export_model(acip_dir, tmp_path / "q", license="mit", ratio=0.5, quantize="nf4", dtype="bfloat16")
@@ -195,6 +197,7 @@ def test_a_failed_push_names_the_step_and_keeps_the_folder(exported, fake_hub, s
     assert sorted((p.name, p.stat().st_size) for p in full.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_push_refuses_a_folder_that_does_not_load(exported, fake_hub, tmp_path):
     _, full, _ = exported
     broken = tmp_path / "broken"

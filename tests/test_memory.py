@@ -44,6 +44,7 @@ def test_llama2_estimates_from_public_shapes():
     assert "| LLaMA-2-7B | 6.74B |" in format_estimates(estimates)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
 def test_parametrizing_peaks_below_1_15_times_the_parametrized_model():
     result = measure_parametrization(FEW_HUNDRED_MB)

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from acip import ACIPModel
 from acip.default_model import load_default_model
 
+pytestmark = pytest.mark.slow  # loads and factorizes the real 135M model
+
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built for the 1889 World's Fair and"
 
 

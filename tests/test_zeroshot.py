@@ -58,6 +58,7 @@ def tiny_task(tmp_path):
     return folder, docs
 
 
+@pytest.mark.slow
 def test_local_multiple_choice_task_scores_what_the_model_prefers(lm, tiny_task):
     folder, docs = tiny_task
     model = lm.acip_model
@@ -77,6 +78,7 @@ def test_local_multiple_choice_task_scores_what_the_model_prefers(lm, tiny_task)
         assert results[ratio]["acip_tiny"]["acc"] == pytest.approx(correct / len(docs))
 
 
+@pytest.mark.slow
 def test_acip_eval_tasks_writes_the_results(tiny_task, tmp_path, capsys):
     folder, _ = tiny_task
     acip_dir, _ = save_tiny_run(tmp_path)
