@@ -1,9 +1,9 @@
-"""Text for ACIP: one path from a text source to packed blocks of token ids, through the `datasets` library.
+"""Text for ACIP: a text source gives documents; documents are packed into blocks of token ids.
 
-A source is a string:
+A source is a string, and each kind of source is one reader function in :data:`SOURCES`:
 
-* a built-in offline corpus: ``"wiki-train"``, ``"wiki-validation"`` (106 English Wikipedia articles, split by
-  article 85/21) or ``"lee"`` (the Lee background news corpus, 300 short articles);
+* a built-in offline corpus: ``"wiki-train"``, ``"wiki-validation"`` (the Wikipedia sample split by article) or
+  ``"lee"`` (the Lee background news corpus, 300 short articles); :mod:`acip.corpora` prepares them;
 * a local file, or a glob of files, ending in ``.txt`` (a whole file is one document), ``.jsonl``/``.json`` (one
   document per record, field ``text`` unless told otherwise) or ``.parquet`` (column ``text``);
 * a Hub dataset, streamed: ``"hf:NAME[:CONFIG[:SPLIT]]"``, e.g. :data:`C4` (the paper's calibration set).
@@ -11,287 +11,42 @@ A source is a string:
 Documents are tokenized, joined with the tokenizer's EOS token between them and cut into blocks of exactly
 ``block_size`` tokens; :func:`load_blocks` gives all blocks in order (evaluation), :class:`TrainBatches` a seeded,
 resumable, endless stream of batches (training).
-
-The built-in corpora are test data of gensim 4.4.0: its wheel is fetched once with ``pip download`` (gensim is not
-installed), the two files are read out of it, checked against pinned SHA-256 digests, cleaned and cached as JSONL
-under :func:`cache_dir`. Later calls need neither the network nor pip.
-
-Attribution: the Wikipedia sample is text from English Wikipedia articles (2016 revisions) by the Wikipedia
-contributors, licensed under CC BY-SA 3.0 (https://creativecommons.org/licenses/by-sa/3.0/); each article's
-authors are listed in its history at https://en.wikipedia.org/wiki/TITLE. We convert the wikitext to plain prose
-(templates, references, tables, images and markup removed). The Lee corpus consists of news articles from the
-Australian Broadcasting Corporation collected by Lee, Pincombe & Welsh (2005), "An empirical evaluation of models
-of text document similarity", as distributed with gensim.
 """
 
 from __future__ import annotations
 
-import bz2
 import glob
-import hashlib
 import itertools
-import json
 import os
-import re
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from xml.etree import ElementTree
 
 import torch
 
-from .files import write_jsonl
+from . import corpora
 
-CORPORA = ("wiki-train", "wiki-validation", "lee")
+# The built-in corpora: name -> its documents.
+CORPORA = {
+    "wiki-train": lambda: [article["text"] for article in corpora.wikipedia_articles("train")],
+    "wiki-validation": lambda: [article["text"] for article in corpora.wikipedia_articles("validation")],
+    "lee": corpora.lee_documents,
+}
 C4 = "hf:allenai/c4:en:train"
-
-_GENSIM = "gensim==4.4.0"
-_WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-_WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
-_LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
-_LEE_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
-# Bump when the cleaning changes, so that stale caches are not reused.
-_CACHE_FILES = {"wiki": "enwiki-sample-v4.jsonl", "lee": "lee-background-v1.jsonl"}
-_VALIDATION_EVERY = 5  # every 5th article (by title) is validation: 80/20
 
 _FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TOKENIZE_CHUNK = 64  # documents per tokenizer call: fast tokenizers parallelise within a call
 
 
-# -- built-in corpora ------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where the cleaned built-in corpora live: ``$ACIP_CACHE``, else ``$XDG_CACHE_HOME/acip`` (``~/.cache/acip``)."""
-    if os.environ.get("ACIP_CACHE"):
-        return Path(os.environ["ACIP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "acip"
-
-
-def wikipedia_articles(split: str | None = None) -> list[dict[str, str]]:
-    """The cleaned Wikipedia sample as ``{"title", "text"}`` records sorted by title: all, "train" or "validation"."""
-    articles = _cached_corpus("wiki")
-    if split is None:
-        return articles
-    if split not in ("train", "validation"):
-        raise ValueError(f"unknown Wikipedia split {split!r}: expected 'train' or 'validation'")
-    in_validation = [i % _VALIDATION_EVERY == _VALIDATION_EVERY - 1 for i in range(len(articles))]
-    return [article for article, v in zip(articles, in_validation) if v == (split == "validation")]
-
-
-def lee_documents() -> list[str]:
-    """The 300 articles of the Lee background news corpus."""
-    return [record["text"] for record in _cached_corpus("lee")]
-
-
-def _cached_corpus(name: str) -> list[dict[str, str]]:
-    path = cache_dir() / _CACHE_FILES[name]
-    if not path.exists():
-        _extract_gensim_corpora()
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _extract_gensim_corpora() -> None:
-    # A private temporary folder per process: concurrent first runs each download, none reads a half-written wheel.
-    with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(_download_gensim_wheel(tmp)) as wheel:
-            wiki = _checked_member(wheel, _WIKI_MEMBER, _WIKI_SHA256)
-            lee = _checked_member(wheel, _LEE_MEMBER, _LEE_SHA256)
-    articles = sorted(_wikipedia_dump_articles(bz2.decompress(wiki)), key=lambda a: a["title"])
-    news = [line.strip() for line in lee.decode("utf-8").splitlines() if line.strip()]  # one article per line
-    write_jsonl(cache_dir() / _CACHE_FILES["wiki"], articles)
-    lee_records = ({"title": f"lee {i:03d}", "text": text} for i, text in enumerate(news))
-    write_jsonl(cache_dir() / _CACHE_FILES["lee"], lee_records)
-
-
-def _download_gensim_wheel(dest: str) -> Path:
-    # Only data files are read from the wheel, so pin one platform: the same file on every machine and Python.
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--platform",
-        "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-        "--quiet", "--dest", dest, _GENSIM,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(Path(dest).glob("gensim-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise RuntimeError(
-            f"the built-in corpora come from the {_GENSIM} wheel, and `{' '.join(command)}` failed "
-            f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}"
-        )
-    return wheels[0]
-
-
-def _checked_member(wheel: zipfile.ZipFile, member: str, sha256: str) -> bytes:
-    data = wheel.read(member)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise RuntimeError(f"{member} in {wheel.filename} does not have the expected SHA-256 {sha256}")
-    return data
-
-
-def _wikipedia_dump_articles(xml: bytes) -> Iterator[dict[str, str]]:
-    """Cleaned articles of a MediaWiki XML export: main namespace only, redirects skipped."""
-    root = ElementTree.fromstring(xml)
-    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-    for page in root.iter(f"{ns}page"):
-        title = page.findtext(f"{ns}title", "")
-        wikitext = page.findtext(f"{ns}revision/{ns}text", "")
-        if page.findtext(f"{ns}ns") != "0" or page.find(f"{ns}redirect") is not None:
-            continue
-        if wikitext.lstrip().upper().startswith("#REDIRECT"):
-            continue
-        body = clean_wikitext(wikitext)
-        if body:
-            yield {"title": title, "text": f"{title}\n\n{body}"}
-
-
-# -- wikitext to prose -----------------------------------------------------------------------------------------------
-
-# Tags whose content is not running prose (references, tables, formulas, media).
-_DROPPED_TAGS = {
-    "ref", "references", "table", "gallery", "math", "chem", "ce", "score", "timeline", "imagemap", "graph",
-    "templatedata", "inputbox", "categorytree", "section", "syntaxhighlight", "source", "hiero", "mapframe",
-}  # fmt: skip
-# Sections that hold citations and link lists rather than prose; dropped with their subsections.
-_BACK_MATTER = {
-    "references", "external links", "see also", "further reading", "notes", "bibliography", "sources",
-    "citations", "footnotes", "notes and references", "references and notes", "works cited", "general references",
-    "primary sources", "secondary sources",
-}  # fmt: skip
-# Inline templates whose words are part of the sentence; every other template (citations, infoboxes, navigation,
-# pronunciation) is dropped. Values: which positional parameter holds the text.
-_TEXT_TEMPLATES = {
-    "lang": -1, "transl": -1, "nihongo": 0, "nowrap": 0, "nobr": 0, "small": 0, "smaller": 0, "quote": 0,
-    "blockquote": 0, "quotation": 0, "angbr": 0, "sic": 0,
-}  # fmt: skip
-_RANGE_WORDS = {"to", "-", "–", "and", "or", "by", "x", "×", "+"}
-# {{convert}} unit codes that would not read as units (most codes, km or ft, already do).
-_UNITS = {"C": "°C", "F": "°F", "C-change": "°C", "F-change": "°F", "km2": "km²", "m2": "m²", "sqmi": "sq mi"}
-# Links that render as no text: media, categories and interlanguage links ("de:...", "zh-min-nan:..."; always
-# lower case, so that a title such as "Ran: Chaos" still shows).
-_HIDDEN_LINK = re.compile(r"^\s*(?:(?i:file|image|media|category)|[a-z]{2,3}(?:-[a-z]+)*)\s*:")
-
-
-def clean_wikitext(wikitext: str) -> str:
-    """Plain prose from MediaWiki markup: paragraphs and heading lines; no templates, references, tables or media."""
-    import mwparserfromhell
-    from mwparserfromhell.nodes import Heading
-
-    # '' and ''' are left as text: unbalanced ones otherwise stop the parser, and whole <ref>s leak through.
-    code = mwparserfromhell.parse(wikitext, skip_style_tags=True)
-    parts, skipping_level = [], None
-    for node in code.nodes:
-        if isinstance(node, Heading):
-            if skipping_level is not None and node.level > skipping_level:
-                continue
-            skipping_level = None
-            if _plain_text([node]).strip().lower() in _BACK_MATTER:
-                skipping_level = node.level
-                continue
-        if skipping_level is None:
-            parts.append(_plain_text([node]))
-    return _tidy("".join(parts))
-
-
-def _plain_text(nodes) -> str:
-    """The text a reader sees for these parsed wikitext nodes (templates, comments and hidden links vanish)."""
-    from mwparserfromhell.nodes import ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink
-
-    out = []
-    for node in nodes:
-        if isinstance(node, Text):
-            out.append(node.value)
-        elif isinstance(node, HTMLEntity):
-            out.append(node.normalize())
-        elif isinstance(node, Wikilink):
-            title = str(node.title)
-            if _HIDDEN_LINK.match(title) and not title.lstrip().startswith(":"):  # [[:Category:X]] is visible
-                continue
-            shown = node.text if node.text is not None and str(node.text).strip() else node.title
-            out.append(_plain_text(shown.nodes))
-        elif isinstance(node, ExternalLink):
-            if node.brackets and node.title is not None:  # bare URLs are not prose
-                out.append(_plain_text(node.title.nodes))
-        elif isinstance(node, Tag):
-            tag = str(node.tag).strip().lower()
-            if tag == "br":
-                out.append("\n")
-            elif tag not in _DROPPED_TAGS and not node.self_closing and node.contents is not None:
-                out.append(_plain_text(node.contents.nodes))
-        elif isinstance(node, Heading):
-            out.append(_plain_text(node.title.nodes).strip())
-        elif isinstance(node, Template):
-            out.append(_template_text(node))
-    return "".join(out)
-
-
-def _template_text(template) -> str:
-    """What an inline template contributes to the sentence: a measurement, a foreign word, a quotation, or nothing."""
-    name = str(template.name).strip().lower()
-    params = [_plain_text(p.value.nodes).strip() for p in template.params if not p.showkey]
-    if name in ("convert", "cvt") and len(params) >= 2:
-        # {{convert|3|to|5|km|mi}} reads "3 to 5 km"; {{convert|1300|mi|km}} reads "1300 mi"
-        if len(params) >= 4 and params[1] in _RANGE_WORDS:
-            return f"{params[0]} {params[1]} {params[2]} {_UNITS.get(params[3], params[3])}"
-        return f"{params[0]} {_UNITS.get(params[1], params[1])}"
-    if name == "as of" and params:
-        lower = template.has("lc") and str(template.get("lc").value).strip() in ("y", "yes")
-        return f"{'as' if lower else 'As'} of {params[0]}"
-    if name.startswith("lang-") and params:  # {{lang-grc|Ἀριστοτέλης}}
-        return params[0]
-    if name in _TEXT_TEMPLATES and params:
-        return params[_TEXT_TEMPLATES[name]]
-    return ""
-
-
-def _tidy(text: str) -> str:
-    """Normalise what the markup leaves behind: spacing, emptied brackets, stray quote marks, blank-line runs."""
-    text = re.sub(r"[\xa0\u2002\u2003\u2009\u202f\t]", " ", text)
-    text = re.sub(r"__[A-Z]+__", "", text)  # magic words such as __NOTOC__
-    text = re.sub(r"'''(?=s\b)", "'", text)  # ''Iliad'''s: the italics close, then a possessive
-    text = re.sub(r"''+", "", text)
-    lines = []
-    for line in text.split("\n"):
-        line = re.sub(r"\(\s*(?:[,;]\s*)+", "(", line)  # "(; born ...": a removed pronunciation template
-        line = re.sub(r"\(\s*\)", "", line)
-        line = re.sub(r" {2,}", " ", line).strip()
-        line = re.sub(r" +([,.;:!?)])", r"\1", line)
-        # A line without a single letter is a leftover (list markers, footnote numbers, table debris).
-        lines.append(line if re.search(r"[^\W\d_]", line) else "")
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
 # -- sources ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _HubSpec:
-    name: str
-    config: str | None
-    split: str
+def corpus_documents(spec: str, text_field: str = "text") -> Iterator[str]:
+    """The documents of a built-in corpus (plain text: there is no field to choose)."""
+    return iter(CORPORA[spec]())
 
 
-def documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """The documents of a source in their stored order (a Hub dataset is streamed, not shuffled)."""
-    kind, where = _resolve(source)
-    if kind == "corpus":
-        return iter(_corpus_documents(where))
-    if kind == "files":
-        return _file_documents(where, text_field, os.fspath(source))
-    return _rows_text(_hub_stream(where), text_field, os.fspath(source))
-
-
-def _resolve(source: str | os.PathLike) -> tuple[str, object]:
-    """("corpus", name), ("files", (builder, paths)) or ("hub", _HubSpec); ValueError for anything else."""
-    spec = os.fspath(source)
-    if spec in CORPORA:
-        return "corpus", spec
-    if spec.startswith("hf:"):
-        return "hub", _parse_hub_spec(spec)
+def file_documents(spec: str, text_field: str = "text") -> Iterator[str]:
+    """The documents of a file or glob of files: a whole .txt file, a .jsonl/.json record or a .parquet row each."""
     if os.path.isdir(spec):
         raise ValueError(f"data source {spec!r} is a folder: pass a file, or a glob such as {spec}/*.txt")
     is_glob = any(c in spec for c in "*?[")
@@ -307,51 +62,68 @@ def _resolve(source: str | os.PathLike) -> tuple[str, object]:
             f"data source {spec!r}: unsupported file type {', '.join(sorted(suffixes))}; "
             f"expected one of {', '.join(_FILE_BUILDERS)} (all files alike)"
         )
-    return "files", (_FILE_BUILDERS[suffixes.pop()], paths)
+    import datasets
+
+    builder = _FILE_BUILDERS[suffixes.pop()]
+    # sample_by="document": one .txt file is one document, exactly as one JSONL record or parquet row is.
+    options = {"sample_by": "document"} if builder == "text" else {}
+    # Streaming reads the files in order and writes no Arrow cache.
+    rows = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **options)
+    return _rows_text(rows, "text" if builder == "text" else text_field, spec)
+
+
+def hub_documents(
+    spec: str, text_field: str = "text", seed: int | None = None, epoch: int = 0, buffer_size: int = 10_000
+) -> Iterator[str]:
+    """The documents of a Hub dataset ``hf:NAME[:CONFIG[:SPLIT]]``, streamed; with a seed, shuffled anew per epoch."""
+    name, config, split = _parse_hub_spec(spec)
+
+    def rows():  # a generator, so that the stream opens on the first read, not when the string is checked
+        import datasets
+
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        if seed is not None:
+            stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
+            stream.set_epoch(epoch)
+        yield from stream
+
+    return _rows_text(rows(), text_field, spec)
+
+
+# Every kind of source: (names one?, reader, streamed), the first match reads the source string. A reader checks the
+# string when called (ValueError if it names nothing readable) and returns the documents in stored order. A streamed
+# reader also takes seed, epoch and buffer_size and opens its stream only when iterated; TrainBatches reads it afresh
+# every epoch, where it packs any other source once and permutes the blocks.
+SOURCES = [
+    (lambda spec: spec in CORPORA, corpus_documents, False),
+    (lambda spec: spec.startswith("hf:"), hub_documents, True),
+    (lambda spec: True, file_documents, False),  # last: anything else must be a path
+]
+
+
+def documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """The documents of a source in their stored order (a Hub dataset is streamed, not shuffled)."""
+    read, _ = _reader(source)
+    return read(os.fspath(source), text_field)
 
 
 def hub_dataset_name(source: str | os.PathLike) -> str | None:
     """The Hub dataset a source names (``hf:NAME[...]`` gives NAME); None for built-in corpora and files."""
     spec = os.fspath(source)
-    return _parse_hub_spec(spec).name if spec.startswith("hf:") else None
+    return _parse_hub_spec(spec)[0] if spec.startswith("hf:") else None
 
 
-def _parse_hub_spec(spec: str) -> _HubSpec:
+def _reader(source: str | os.PathLike):
+    spec = os.fspath(source)
+    return next((read, streamed) for names, read, streamed in SOURCES if names(spec))
+
+
+def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
         raise ValueError(f"data source {spec!r}: expected hf:NAME[:CONFIG[:SPLIT]], e.g. {C4}")
     name, config, split = (parts + [None, None])[:3]
-    return _HubSpec(name, config or None, split or "train")
-
-
-def _corpus_documents(name: str) -> list[str]:
-    if name == "lee":
-        return lee_documents()
-    return [article["text"] for article in wikipedia_articles(name.removeprefix("wiki-"))]
-
-
-def _file_documents(where: tuple[str, list[str]], text_field: str, source: str) -> Iterator[str]:
-    import datasets
-
-    builder, paths = where
-    # sample_by="document": one .txt file is one document, exactly as one JSONL record or parquet row is.
-    options = {"sample_by": "document"} if builder == "text" else {}
-    # Streaming reads the files in order and writes no Arrow cache.
-    rows = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **options)
-    return _rows_text(rows, "text" if builder == "text" else text_field, source)
-
-
-def _hub_stream(spec: _HubSpec, seed: int | None = None, buffer_size: int = 10_000, epoch: int = 0):
-    """A streamed Hub dataset; with a seed, shuffled through a buffer (reshuffled per epoch)."""
-    import datasets
-
-    rows = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    if isinstance(rows, datasets.Dataset):  # a map-style dataset (e.g. handed back by a test double) streams too
-        rows = rows.to_iterable_dataset()
-    if seed is not None:
-        rows = rows.shuffle(seed=seed, buffer_size=buffer_size)
-        rows.set_epoch(epoch)
-    return rows
+    return name, config or None, split or "train"
 
 
 def _rows_text(rows: Iterable[dict], text_field: str, source: str) -> Iterator[str]:
@@ -416,9 +188,9 @@ def load_blocks(
 class TrainBatches:
     """A deterministic, resumable, endless stream of training batches, each a LongTensor (batch_size, block_size).
 
-    Built-in corpora and files are packed once, then served in epochs, each a fresh permutation of the blocks
-    seeded by (seed, epoch); the last incomplete batch of an epoch is dropped. Hub datasets are streamed through
-    a seeded shuffle buffer, reshuffled per epoch.
+    Finite sources (built-in corpora, files) are packed once, then served in epochs, each a fresh permutation of
+    the blocks seeded by (seed, epoch); the last incomplete batch of an epoch is dropped. Streamed sources (Hub
+    datasets) are read afresh every epoch through a seeded shuffle buffer, reshuffled per epoch.
     """
 
     def __init__(
@@ -436,11 +208,12 @@ class TrainBatches:
         self.source = os.fspath(source)
         self.tokenizer, self.block_size, self.batch_size = tokenizer, block_size, batch_size
         self.seed, self.text_field, self.shuffle_buffer = seed, text_field, shuffle_buffer
-        kind, where = _resolve(source)
-        self._hub = where if kind == "hub" else None
+        self._read, streamed = _reader(self.source)
         self.blocks: torch.Tensor | None = None  # all blocks of a finite source; None when streamed
-        if self._hub is None:
-            blocks = list(pack(documents(source, text_field), tokenizer, block_size, self.source))
+        if streamed:
+            self._read(self.source, text_field)  # checks the source string now; the stream opens per epoch
+        else:
+            blocks = list(pack(self._read(self.source, text_field), tokenizer, block_size, self.source))
             if len(blocks) < batch_size:
                 raise ValueError(
                     f"data source {self.source!r} is too short: {len(blocks)} blocks of {block_size} tokens, "
@@ -488,8 +261,8 @@ class TrainBatches:
 
     def _streamed_batches(self) -> Iterator[torch.Tensor]:
         for epoch in itertools.count():
-            rows = _hub_stream(self._hub, self.seed, self.shuffle_buffer, epoch)
-            blocks = pack(_rows_text(rows, self.text_field, self.source), self.tokenizer, self.block_size, self.source)
+            docs = self._read(self.source, self.text_field, self.seed, epoch, self.shuffle_buffer)
+            blocks = pack(docs, self.tokenizer, self.block_size, self.source)
             n_batches = 0
             while len(batch := list(itertools.islice(blocks, self.batch_size))) == self.batch_size:
                 n_batches += 1

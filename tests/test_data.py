@@ -1,15 +1,17 @@
-"""acip.data: sources, packing, the built-in corpora, resumable training batches, errors.
+"""acip.data: sources, packing, resumable training batches, a new kind of source, errors.
 
 The built-in corpora are fetched once (pip download of the gensim wheel, ~28 MB) and cached; later runs are offline.
 """
 
+import itertools
 import json
 
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_tokenizer
 
-from acip import data
+from acip import corpora, data
 
 datasets = pytest.importorskip("datasets")
 
@@ -78,60 +80,13 @@ def test_text_field_and_max_blocks(tmp_path, tokenizer):
 # -- built-in corpora ------------------------------------------------------------------------------------------------
 
 
-def test_wikipedia_split_is_deterministic_disjoint_and_plausible():
-    train, validation = data.wikipedia_articles("train"), data.wikipedia_articles("validation")
-    assert data.wikipedia_articles("train") == train
-    titles = [a["title"] for a in train], [a["title"] for a in validation]
-    assert not set(titles[0]) & set(titles[1])
-    assert len(set(titles[0])) == len(train) and len(set(titles[1])) == len(validation)
-    n = len(train) + len(validation)
-    assert n > 90 and 0.15 < len(validation) / n < 0.25
-    text = [a["text"] for a in train + validation]
-    assert sum(len(t.encode()) for t in text) > 2_000_000
-    assert sum(len(t.split()) for t in text) > 350_000
-    for junk in ("{{", "}}", "[[", "]]", "<ref", "thumb|", "Category:", "File:", "{|"):
-        assert not any(junk in t for t in text), junk
-    assert list(data.documents("wiki-validation")) == [a["text"] for a in validation]
-
-
-def test_lee_corpus():
-    docs = data.lee_documents()
-    assert len(docs) == 300
-    assert docs[0].startswith("Hundreds of people have been forced to vacate their homes")
-    assert 50_000 < sum(len(d.split()) for d in docs) < 80_000
-
-
 def test_builtin_blocks(tokenizer):
     blocks = data.load_blocks("wiki-validation", tokenizer, 512)
     assert blocks.dtype == torch.long and blocks.shape[1] == 512 and len(blocks) > 150
     assert torch.equal(data.load_blocks("wiki-validation", tokenizer, 512, max_blocks=3), blocks[:3])
     assert len(data.load_blocks("lee", tokenizer, 512)) > 100
-
-
-def test_clean_wikitext():
-    wikitext = """{{Infobox person|name=X}}
-'''Albedo''' ({{IPAc-en|æ|l}}; ''albus'') is the [[diffuse reflection|diffuse reflectivity]] of a [[surface]].<ref>
-A cite.</ref>
-[[File:Albedo.svg|thumb|A caption]]
-== Terrestrial albedo ==
-{| class="wikitable"
-| Fresh asphalt || 0.04
-|}
-Snow reflects ''most'' light.<ref name="x"/> See [http://example.org the site] or http://example.org.
-* A list item &amp; more: [[Ben-Hur: A Tale of the Christ|Ben-Hur]], {{lang|la|albus}}, {{convert|3|to|5|km2|sqmi}}
-== References ==
-{{reflist}}
-=== Sources ===
-* Someone, ''A book''.
-[[Category:Physics]]
-[[de:Albedo]]
-"""
-    assert data.clean_wikitext(wikitext) == (
-        "Albedo (albus) is the diffuse reflectivity of a surface.\n\n"
-        "Terrestrial albedo\n\n"
-        "Snow reflects most light. See the site or.\n"
-        "A list item & more: Ben-Hur, albus, 3 to 5 km²"
-    )
+    validation = [article["text"] for article in corpora.wikipedia_articles("validation")]
+    assert list(data.documents("wiki-validation")) == validation
 
 
 # -- training batches ------------------------------------------------------------------------------------------------
@@ -211,6 +166,39 @@ def test_hub_train_batches_resume(fake_hub, tokenizer):
     first, second = torch.stack(run[:per_epoch]), torch.stack(run[per_epoch : 2 * per_epoch])
     assert not torch.equal(first, second)  # reshuffled per epoch
     assert not torch.equal(first.flatten()[:64], expected_blocks(tokenizer, HUB_DOCS, 16).flatten()[:64])
+
+
+# -- a new kind of source -------------------------------------------------------------------------------------------
+
+
+def numbered_documents(spec, text_field="text", seed=None, epoch=0, buffer_size=10_000):
+    """A made-up source "numbers:N": N documents; shuffled per (seed, epoch) when streamed."""
+    docs = [f"w{3 + i % 90} w{4 + i % 80} w{5 + i % 70}" for i in range(int(spec.removeprefix("numbers:")))]
+    if seed is not None:
+        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        docs = [docs[i] for i in order]
+    return iter(docs)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_new_source_is_one_function_and_one_table_entry(monkeypatch, streamed):
+    tokenizer = tiny_tokenizer()
+    entry = (lambda spec: spec.startswith("numbers:"), numbered_documents, streamed)
+    monkeypatch.setattr(data, "SOURCES", [entry, *data.SOURCES])
+    docs = list(numbered_documents("numbers:40"))
+    assert list(data.documents("numbers:40")) == docs
+    assert torch.equal(data.load_blocks("numbers:40", tokenizer, 8), expected_blocks(tokenizer, docs, 8))
+    batches = data.TrainBatches("numbers:40", tokenizer, 8, 2, seed=1)
+    assert (batches.num_blocks is None) == streamed
+    run = list(itertools.islice(batches.batches(), 25))  # nearly three epochs of 9 batches
+    resumed = data.TrainBatches("numbers:40", tokenizer, 8, 2, seed=1).batches(start=20)
+    assert all(torch.equal(next(resumed), expected) for expected in run[20:])
+
+
+def test_a_malformed_hub_source_fails_before_anything_is_read(fake_hub, tokenizer):
+    with pytest.raises(ValueError, match="hf:NAME"):
+        data.TrainBatches("hf:a:b:c:d", tokenizer, 16, 4)
+    assert fake_hub == []
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------
