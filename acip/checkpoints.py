@@ -58,9 +58,9 @@ def remove_checkpoints(output_dir: str | os.PathLike) -> None:
     shutil.rmtree(Path(output_dir) / CHECKPOINTS, ignore_errors=True)
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
+def prepare_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
     """The run's folder, ready: for ``resume`` it must hold a checkpoint; otherwise it must be empty or absent, or
-    ``overwrite`` clears it."""
+    ``overwrite`` clears it. ``check_only`` raises what would be refused and changes nothing."""
     output_dir = Path(output_dir)
     if resume:
         if latest_checkpoint(output_dir) is None:
@@ -71,8 +71,10 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: b
                 f"{output_dir} is not empty (it holds another run or other files); "
                 "pass overwrite=True (--overwrite) to replace it, or resume=True (--resume) to continue a run"
             )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+        if not check_only:
+            shutil.rmtree(output_dir)
+    if not check_only:
+        output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 

@@ -10,7 +10,7 @@ import time
 import typing
 from pathlib import Path
 
-from .distributed import DataParallel
+from .distributed import Processes
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
 from .finetune import FinetuneConfig, finetune
 from .hub.modeling_acip import QUANT_TYPES
@@ -51,7 +51,7 @@ def compress_main(args: argparse.Namespace) -> None:
     config = preset(args.preset, **_config_overrides(args, ACIPRunConfig))
     start = time.perf_counter()
     model = run_acip(config, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    if DataParallel().is_main:
+    if Processes().is_main:
         print(
             f"saved {args.output_dir} in {time.perf_counter() - start:.0f} s: {len(model.config.target_modules)} "
             "parametrized layers; prune it with model.prune_model_by_score(compression_ratio=...)"
@@ -63,7 +63,7 @@ def finetune_main(args: argparse.Namespace) -> None:
     config = FinetuneConfig(**_config_overrides(args, FinetuneConfig))
     start = time.perf_counter()
     finetune(args.model_dir, args.output_dir, config, resume=args.resume, overwrite=args.overwrite)
-    if not DataParallel().is_main:
+    if not Processes().is_main:
         return
     record = json.loads((Path(args.output_dir) / "finetune_run.json").read_text())
     before, after = record.get("perplexity_before"), record.get("perplexity_after")
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("model_dir", help="a saved ACIP model (e.g. the output of acip compress)")
     _add_run_options(tune, "the fine-tuned model", FinetuneConfig)
+    tune.add_argument("--target-modules", dest="lora_targets", help="the former name of --lora-targets")
     tune.set_defaults(main=finetune_main)
 
     export = commands.add_parser(

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast, gather_object, reduce
 
 
-class DataParallel:
+class Processes:
     """This process's place among the processes of a run (one process, with no-op collectives, when not launched)."""
 
     def __init__(self):

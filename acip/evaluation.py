@@ -9,18 +9,17 @@ globally by size (the paper's ablation; it collapses because layers differ in sc
 every layer to the same fraction of its parameters, keeping its largest singular values (the stronger baseline).
 """
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .hub.modeling_acip import ACIPModel
+from .records import recorded_base_model
 from .report import PerplexityReport
 
 DEFAULT_DATA = ("wiki-validation", "lee")
@@ -102,16 +101,6 @@ def ratio_sweep(
         return out
 
 
-def run_base_model(model_dir: str | os.PathLike) -> str:
-    """The base model the ACIP run saved in ``model_dir`` started from (its acip_run.json)."""
-    from .training import RUN_FILE
-
-    run_file = Path(model_dir) / RUN_FILE
-    if not run_file.exists():
-        raise FileNotFoundError(f"{model_dir} has no {RUN_FILE}; name the base model (base_model=... / --base-model)")
-    return json.loads(run_file.read_text())["config"]["base_model"]
-
-
 def evaluate_perplexity(
     model_dir: str | os.PathLike,
     data: Sequence[str] = DEFAULT_DATA,
@@ -127,8 +116,8 @@ def evaluate_perplexity(
     singular value). One model is in memory at a time; it runs on CUDA when there is one, in float32."""
     from transformers import AutoTokenizer
 
+    from .base_model import load_base_model
     from .data import load_blocks
-    from .training import load_base_model
 
     ratios = check_ratios(ratios)
     if block_size < 2:
@@ -144,7 +133,7 @@ def evaluate_perplexity(
         return report
     targets = list(model.config.target_modules)
     del model  # one model in memory at a time
-    base, _ = load_base_model(base_model or run_base_model(model_dir), torch.float32)
+    base, _ = load_base_model(base_model or recorded_base_model(model_dir), torch.float32)
     base = base.to(device)
     for source, windows in blocks.items():
         report.dense[source] = perplexity(base, windows, batch_size, desc=f"dense, {source}")

@@ -25,7 +25,7 @@ from acip.data import TrainBatches, load_blocks
 from acip.default_model import load_default_model
 from acip.evaluation import perplexity, ratio_sweep, uniform_scores
 from acip.memory import model_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
-from acip.training import RUN_FILE
+from acip.records import RUN_FILE
 
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
 MIB = 2**20

@@ -21,17 +21,19 @@ def child(args: argparse.Namespace) -> dict:
     """One mode in this process: what the training steps add to resident memory, and their speed."""
     from acip import preset
     from acip.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-    from acip.training import ACIPTrainer
+    from acip.loop import Runtime, TrainingLoop
+    from acip.training import ACIPTask
 
     config = preset("quick", batch_size=args.batch_size, block_size=args.block_size,
                     gradient_checkpointing=args.child == "on")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = ACIPTrainer(config, tmp)
-        data = trainer._micro_batches()
+        runtime = Runtime()
+        loop = TrainingLoop(ACIPTask(config, runtime), tmp, runtime)
+        data = loop.batches.batches()
         built = rss_bytes()
         reset_peak_rss()
-        trainer._train_step(data, config.lam(0))
-        speeds = [trainer._train_step(data, config.lam(0))["tokens_per_s"] for _ in range(args.steps)]
+        loop.train_step(data)
+        speeds = [loop.train_step(data)["tokens_per_s"] for _ in range(args.steps)]
         return {"step_peak_mib": (peak_rss_bytes() - built) / MIB, "tokens_per_s": sum(speeds) / len(speeds)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from acip import preset, run_acip
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity
 from acip.report import write_report
-from acip.training import RUN_FILE
+from acip.records import RUN_FILE
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 COMPARED = (0.9, 0.8, 0.7, 0.6, 0.5)

@@ -15,13 +15,14 @@ import tempfile
 import torch
 
 from acip import preset
-from acip.training import ACIPTrainer
+from acip.loop import Runtime, TrainingLoop
+from acip.training import ACIPTask
 
 
-def timed_steps(trainer: ACIPTrainer, data, steps: int) -> list[float]:
-    """tokens/s of ``steps`` optimizer steps with the L1 penalty on, after one untimed warm-up step."""
-    trainer._train_step(data, trainer.config.lam(0))
-    return [trainer._train_step(data, trainer.config.lam(0))["tokens_per_s"] for _ in range(steps)]
+def timed_steps(loop: TrainingLoop, data, steps: int) -> list[float]:
+    """tokens/s of ``steps`` pruning steps (L1 penalty on), after one untimed warm-up step."""
+    loop.train_step(data)
+    return [loop.train_step(data)["tokens_per_s"] for _ in range(steps)]
 
 
 def main() -> None:
@@ -30,18 +31,21 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = ACIPTrainer(preset("quick"), tmp)
-        data = trainer._micro_batches()
-        start = timed_steps(trainer, data, args.steps)
+        runtime = Runtime()
+        task = ACIPTask(preset("quick"), runtime)
+        loop = TrainingLoop(task, tmp, runtime)
+        data = loop.batches.batches()
+        start = timed_steps(loop, data, args.steps)
         with torch.no_grad():
-            for layer in trainer.layers.values():
-                layer.mask[layer.rank // 2 :] = -trainer.config.mask_constant  # the lower half of the spectrum
-        trainer.compactor.compact_dead(force=True)
-        half = timed_steps(trainer, data, args.steps)
-        computed = trainer.compactor.computed_fraction()
+            for layer in task.layers.values():
+                layer.mask[layer.rank // 2 :] = -task.config.mask_constant  # the lower half of the spectrum
+        task.compactor.compact_dead(force=True)
+        half = timed_steps(loop, data, args.steps)
+        computed = task.compactor.computed_fraction()
+        config = task.config
 
     first, later = statistics.median(start), statistics.median(half)
-    print(f"ACIP step, {trainer.config.batch_size} x {trainer.config.block_size} tokens, median of {args.steps}:")
+    print(f"ACIP step, {config.batch_size} x {config.block_size} tokens, median of {args.steps}:")
     steps = lambda figures: ", ".join(f"{t:.0f}" for t in figures)  # noqa: E731
     print(f"  {'full rank (start of a run):':<34}{first:7.1f} tokens/s   (steps: {steps(start)})")
     print(f"  {f'{computed:.0%} of the ranks computed:':<34}{later:7.1f} tokens/s   (steps: {steps(half)})")

@@ -15,9 +15,11 @@ from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, words_file
 from safetensors.torch import load_file
 
 from acip import ACIPModel
-from acip.distributed import DataParallel
+from acip.base_model import load_base_model
+from acip.distributed import Processes
 from acip.finetune import FinetuneConfig, finetune
-from acip.training import ACIPRunConfig, ACIPTrainer, check_same_processes, load_base_model, run_acip
+from acip.loop import Runtime, TrainingLoop, resumed_settings
+from acip.training import ACIPRunConfig, ACIPTask, run_acip
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = dict(block_size=32, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1, stop_ratio=0.5,
@@ -101,7 +103,7 @@ def test_two_processes_fine_tune_like_one_process_with_twice_the_batch(base, tmp
 
 
 def test_one_process_data_parallel_is_the_identity():
-    processes = DataParallel()
+    processes = Processes()
     assert (processes.rank, processes.world_size, processes.is_main) == (0, 1, True)
     batch = torch.arange(12).view(4, 3)
     assert torch.equal(processes.shard(batch), batch)
@@ -112,11 +114,15 @@ def test_one_process_data_parallel_is_the_identity():
     assert processes.mean(1.5) == 1.5 and processes.same_everywhere([1.0, 2.0])
 
 
-def test_a_resumed_run_needs_as_many_processes_as_it_started_with():
-    check_same_processes({"processes": 1}, 1)
-    check_same_processes({}, 1)  # records written before data parallelism
+def test_a_resumed_run_needs_as_many_processes_as_it_started_with(tmp_path):
+    config = ACIPRunConfig(**RUN)
+    record = tmp_path / "acip_run.json"
+    for processes in (1, None):  # None: records written before data parallelism
+        record.write_text(json.dumps({"config": vars(config), **({"processes": processes} if processes else {})}))
+        assert resumed_settings(ACIPRunConfig(), record, True, 1) == config
+    record.write_text(json.dumps({"config": vars(config), "processes": 2}))
     with pytest.raises(ValueError, match="started with 2 process.*--num_processes 2"):
-        check_same_processes({"processes": 2}, 1)
+        resumed_settings(config, record, True, 1)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -125,16 +131,18 @@ def test_gradient_checkpointing_takes_the_same_step(base, tmp_path, dropout):
 
     def one_step(checkpointing: bool):
         config = ACIPRunConfig(**{**RUN, "lora_dropout": dropout}, data=words, gradient_checkpointing=checkpointing)
-        trainer = ACIPTrainer(config, tmp_path / str(checkpointing), tiny_base_model("llama"), tiny_tokenizer())
+        runtime = Runtime()
+        task = ACIPTask(config, runtime, tiny_base_model("llama"), tiny_tokenizer())
+        loop = TrainingLoop(task, tmp_path / str(checkpointing), runtime)
         torch.manual_seed(1)  # the same dropout draws for both
-        stats = trainer._train_step(trainer._micro_batches(), lam=1e-2)
-        return trainer, stats["loss"]
+        stats = loop.train_step(loop.batches.batches())
+        return task, stats["loss"]
 
     plain, loss = one_step(False)
     recomputed, recomputed_loss = one_step(True)
-    assert any(getattr(m, "gradient_checkpointing", False) for m in recomputed.model.modules())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in recomputed.acip_model.modules())
     assert recomputed_loss == loss
-    for (name, a), (_, b) in zip(plain.peft_model.named_parameters(), recomputed.peft_model.named_parameters()):
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), recomputed.model.named_parameters()):
         assert torch.equal(a, b), name
 
 

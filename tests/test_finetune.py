@@ -9,7 +9,9 @@ from conftest import save_tiny_run, token_ids
 from peft import PeftModel
 
 from acip import ACIPModel
-from acip.finetune import Finetuner, FinetuneConfig, finetune
+from acip.finetune import FinetuneConfig, FinetuneTask, finetune
+from acip.loop import Runtime, TrainingLoop, train
+from acip.records import FINETUNE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +35,15 @@ def tiny_config(tiny_run, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**settings, **overrides})
 
 
-def trained(tiny_run, output_dir, steps: int, **overrides) -> Finetuner:
-    """A fine-tuner after ``steps`` training steps, not yet saved."""
-    tuner = Finetuner(tiny_run[0], tiny_config(tiny_run, steps=steps, **overrides), output_dir)
-    data = tuner.batches.batches()
+def trained(tiny_run, output_dir, steps: int, **overrides) -> TrainingLoop:
+    """A fine-tuning loop after ``steps`` training steps, not yet saved."""
+    runtime = Runtime()
+    task = FinetuneTask(tiny_run[0], tiny_config(tiny_run, steps=steps, **overrides), runtime)
+    loop = TrainingLoop(task, output_dir, runtime)
+    data = loop.batches.batches()
     for _ in range(steps):
-        tuner._train_step(data)
-    return tuner
+        loop.train_step(data)
+    return loop
 
 
 def losses(folder) -> list[float]:
@@ -69,8 +73,8 @@ def test_merged_and_unmerged_outputs_agree(tiny_run, tmp_path):
     tuner = trained(tiny_run, tmp_path, steps=5)
     ids = token_ids()
     with torch.no_grad():
-        unmerged = tuner.peft_model.eval()(ids).logits
-        merged = tuner.peft_model.merge_and_unload().eval()(ids).logits
+        unmerged = tuner.task.model.eval()(ids).logits
+        merged = tuner.task.model.merge_and_unload().eval()(ids).logits
         dense_before = ACIPModel.from_pretrained(tiny_run[0]).prune_model_by_score(0.6).compress().eval()(ids).logits
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(merged, dense_before, atol=1e-3)  # the adapters did change the model
@@ -81,7 +85,7 @@ def test_adapter_mode_saves_the_compressed_model_and_an_adapter_that_reloads(tin
     tuner = trained(tiny_run, tmp_path, steps=6, save="adapter", quantize=quantize)
     ids = token_ids()
     with torch.no_grad():
-        expected = tuner.peft_model.eval()(ids).logits
+        expected = tuner.task.model.eval()(ids).logits
         returned = tuner.save().eval()(ids).logits
     torch.testing.assert_close(returned, expected)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -94,21 +98,21 @@ def test_adapter_mode_saves_the_compressed_model_and_an_adapter_that_reloads(tin
         torch.testing.assert_close(restored(ids).logits, expected)
 
 
-def test_resumed_finetune_ends_like_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+class DiesAtStep8(FinetuneTask):
+    """Killed inside optimizer step 8."""
+
+    def loss(self, ids, step):
+        if step == 7:
+            raise KeyboardInterrupt("killed")
+        return super().loss(ids, step)
+
+
+def test_resumed_finetune_ends_like_an_uninterrupted_one(tiny_run, tmp_path):
     config = tiny_config(tiny_run, steps=10, checkpoint_every=3, lora_dropout=0.1, grad_accum=2)
     straight = finetune(tiny_run[0], tmp_path / "straight", config)
-
-    original = Finetuner._train_step
-
-    def dies_at_step_8(self, data):
-        if self.step == 7:
-            raise KeyboardInterrupt("killed")
-        return original(self, data)
-
-    monkeypatch.setattr(Finetuner, "_train_step", dies_at_step_8)
     with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_run[0], tmp_path / "resumed", config)
-    monkeypatch.setattr(Finetuner, "_train_step", original)
+        build = lambda config, runtime: DiesAtStep8(tiny_run[0], config, runtime)  # noqa: E731
+        train(build, config, tmp_path / "resumed", FINETUNE_FILE, resume=False, overwrite=False)
     resumed = finetune(tiny_run[0], tmp_path / "resumed", resume=True)
 
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):

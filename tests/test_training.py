@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM
 
 import acip.training as training
 from acip import ACIPModel
-from acip.training import ACIPRunConfig, ACIPTrainer, run_acip
+from acip.loop import train
+from acip.objective import ACIPObjective
+from acip.records import RUN_FILE
+from acip.training import ACIPRunConfig, ACIPTask, run_acip
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +38,30 @@ def run_tiny(config, output_dir, **kwargs):
     return run_acip(config, output_dir, base_model=tiny_base_model("llama"), tokenizer=tiny_tokenizer(), **kwargs)
 
 
-def test_tiny_run_reaches_the_stop_ratio_and_orders_scores_by_death(corpus, tmp_path, monkeypatch):
-    # Record, after every step, the full-size masks, to find when each value died.
+def run_task(task_class, config, output_dir, resume=False):
+    """A tiny run of a task class (an ACIPTask subclass) through the training loop."""
+
+    def build(config, runtime):
+        return task_class(config, runtime, tiny_base_model("llama"), tiny_tokenizer())
+
+    return train(build, config, output_dir, RUN_FILE, resume=resume, overwrite=False)
+
+
+def test_tiny_run_reaches_the_stop_ratio_and_orders_scores_by_death(corpus, tmp_path):
     history = []
-    original = training._update_scores
 
-    def recording(scores, alive, mask):
-        original(scores, alive, mask)
-        full = torch.full_like(scores, -1.0)  # not computed any more: dead before
-        full[alive] = mask.detach().float()
-        history.append(full)
+    class Recording(ACIPTask):
+        """Records, after every pruning step, the full-size masks, to find when each value died."""
 
-    monkeypatch.setattr(training, "_update_scores", recording)
-    model = run_tiny(tiny_config(corpus), tmp_path / "run")
+        def after_step(self, step):
+            if self.pruning:
+                for name, layer in self.layers.items():
+                    full = torch.full_like(layer.score, -1.0)  # not computed any more: dead before
+                    full[self.compactor.alive[name]] = layer.mask.detach().float()
+                    history.append(full)
+            return super().after_step(step)
+
+    model = run_task(Recording, tiny_config(corpus), tmp_path / "run")
 
     log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
     pruning = [r for r in log if r["phase"] == "prune"]
@@ -77,23 +91,20 @@ def test_tiny_run_reaches_the_stop_ratio_and_orders_scores_by_death(corpus, tmp_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, monkeypatch):
+class DiesAtStep23(ACIPTask):
+    """Killed inside optimizer step 23: after masks began to die (~step 19), during post-tuning."""
+
+    def loss(self, ids, step):
+        if step == 22:
+            raise KeyboardInterrupt("killed")
+        return super().loss(ids, step)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path):
     config = tiny_config(corpus, checkpoint_every=4, lora_dropout=0.1, grad_accum=2)
     straight = run_tiny(config, tmp_path / "straight")
-
-    calls = {"n": 0}
-    original = ACIPTrainer._train_step
-
-    def dies_at_step_23(self, data, lam):  # after masks began to die (~step 19), during post-tuning
-        calls["n"] += 1
-        if calls["n"] == 23:
-            raise KeyboardInterrupt("killed")
-        return original(self, data, lam)
-
-    monkeypatch.setattr(ACIPTrainer, "_train_step", dies_at_step_23)
     with pytest.raises(KeyboardInterrupt):
-        run_tiny(config, tmp_path / "resumed")
-    monkeypatch.setattr(ACIPTrainer, "_train_step", original)
+        run_task(DiesAtStep23, config, tmp_path / "resumed")
     latest = tmp_path / "resumed" / "checkpoints" / "latest.json"
     assert json.loads(latest.read_text()) == {"checkpoint": "step-0000020"}
     resumed = run_tiny(config, tmp_path / "resumed", resume=True)
@@ -138,7 +149,8 @@ def test_presets_and_lambda_schedule():
         1024, 4, 5e-5, 0.4, 1000,
     )
     assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout, paper.mask_constant) == (32, 16, 0.05, 2e-2)
-    assert paper.lam(0) == paper.lam(3) == 1e-3 and paper.lam(4) == pytest.approx(1.01e-3)
+    objective = ACIPObjective(paper)
+    assert objective.lam(0) == objective.lam(3) == 1e-3 and objective.lam(4) == pytest.approx(1.01e-3)
     assert training.preset("quick", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset"):
         training.preset("fastest")

@@ -1,0 +1,316 @@
+"""The one training loop of acip: the ACIP run (acip/training.py) and LoRA fine-tuning (acip/finetune.py) are tasks
+that it drives.
+
+A :class:`Task` says what trains: the model, the trainable tensors, the loss of one micro-batch, what happens after
+each optimizer step, when the run ends and what it saves. The loop owns everything else, the same for every task:
+device, dtype and autocast, the data stream, gradient accumulation, averaging gradients across processes
+(acip.distributed), AdamW, the step log, atomic checkpoints and resume, the run record and the final save.
+
+    task = MyTask(config, runtime)          # builds the model to train
+    TrainingLoop(task, output_dir, runtime).run()
+"""
+
+import dataclasses
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import (
+    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, prepare_output_dir, remove_checkpoints,
+    restore_rng, rng_tensors, save_checkpoint, truncate_log,
+)  # fmt: skip
+from .data import TrainBatches
+from .distributed import Processes
+from .files import write_json
+
+
+@dataclass
+class TrainingConfig:
+    """The settings every training run has; the ACIP run and fine-tuning add their own (and their own defaults)."""
+
+    data: str = field(default="wiki-train", metadata={"help": "training text: a built-in corpus, a file, or hf:NAME[:CONFIG[:SPLIT]]"})
+    block_size: int = field(default=1024, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate, no weight decay"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
+
+    def validate(self) -> None:
+        """Clear errors for settings a run cannot use."""
+        for name in ("block_size", "batch_size", "grad_accum", "lora_r"):
+            _at_least(self, name, 1)
+        for name in ("checkpoint_every", "max_grad_norm", "lora_dropout"):
+            _at_least(self, name, 0)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+def _at_least(config, name: str, low: float) -> None:
+    """A ValueError naming the field unless it is a number >= ``low``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def default(name: str, value):
+    """The field ``name`` of TrainingConfig with another default: a task's config overrides a default, not the field."""
+    base = next(f for f in dataclasses.fields(TrainingConfig) if f.name == name)
+    return field(default=value, metadata=base.metadata)
+
+
+class Runtime:
+    """Where and how a run computes: its processes, the device, the weights' dtype and the autocast context.
+
+    bf16 weights and autocast on CUDA; float32 on the CPU. ``device`` is where input ids go (with a device map, the
+    input embeddings' device).
+    """
+
+    def __init__(self, processes: Processes | None = None):
+        self.processes = processes or Processes()
+        self.device = self.processes.device
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Switch recomputing activations block by block in the backward pass (non-reentrant) on or off."""
+    # transformers 5.x renamed gradient to activation checkpointing; the old names warn, and earlier 5.x lack the new
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
+class Task:
+    """One kind of training run, as the loop sees it. Subclasses set the four attributes and implement
+    ``param_groups``, ``loss``, ``done`` and ``save``; the other methods have defaults.
+
+    Attributes: ``config`` (a TrainingConfig), ``model`` (the module that trains; ``loss`` calls it), ``tokenizer``,
+    ``record_file`` and ``log_file`` (names in the output folder), and ``summary``: figures for the run record, kept
+    across checkpoints.
+    """
+
+    record_file: str
+    log_file: str
+    summary: dict
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (AdamW, lr from :meth:`lr`, no weight decay)."""
+        raise NotImplementedError
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer exists (e.g. to slice its state along with the parameters)."""
+
+    def begin(self) -> None:
+        """Called when a run starts afresh (not on resume), before its record is first written."""
+
+    def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch of token ids (B, T) at optimizer step ``step`` (0-based), and figures to log."""
+        raise NotImplementedError
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        return self.config.lr
+
+    def after_step(self, step: int) -> dict:
+        """Bookkeeping after optimizer step ``step`` (1-based count of steps taken); returns figures to log."""
+        return {}
+
+    def phase(self, step: int) -> tuple[str, int, int | None]:
+        """The progress bar after ``step`` optimizer steps: name, steps done in this phase, steps in it (None:
+        open-ended)."""
+        return "training", step, None
+
+    def done(self, step: int) -> bool:
+        """Whether the run is over after ``step`` optimizer steps."""
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint must hold besides the loop's own state: tensors and JSON-able values."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def save(self, folder: Path | None):
+        """The trained result, written to ``folder`` (None on processes that do not write); returns it."""
+        raise NotImplementedError
+
+
+class TrainingLoop:
+    """Trains a :class:`Task` to its end and saves the result, with checkpoints every ``config.checkpoint_every``."""
+
+    def __init__(self, task: Task, output_dir: str | os.PathLike, runtime: Runtime):
+        self.task, self.output_dir, self.runtime = task, Path(output_dir), runtime
+        config, world = task.config, runtime.processes.world_size
+        # One global batch of batch_size × processes sequences per micro-batch; each process reads its own rows.
+        self.batches = TrainBatches(
+            config.data, task.tokenizer, config.block_size, config.batch_size * world, seed=config.seed
+        )
+        groups = task.param_groups()
+        self.params = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
+        task.prepare(self.optimizer)
+        self.step = 0  # optimizer steps taken: the data position
+        self.elapsed = 0.0
+
+    @property
+    def record_path(self) -> Path:
+        """The run record in the output folder."""
+        return self.output_dir / self.task.record_file
+
+    def record(self, finished: bool = False) -> dict:
+        """The run record: settings, processes, progress and the task's figures."""
+        config, world = self.task.config, self.runtime.processes.world_size
+        return {"config": dataclasses.asdict(config), "processes": world,
+                "global_batch": config.batch_size * world * config.grad_accum, "finished": finished,
+                "steps": self.step, "train_seconds": round(self.elapsed, 1), **self.task.summary}  # fmt: skip
+
+    def train_step(self, data) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the figures of the step."""
+        task, config, processes = self.task, self.task.config, self.runtime.processes
+        start = time.perf_counter()
+        task.model.train()
+        lr = task.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals, tokens = {}, 0
+        for _ in range(config.grad_accum):
+            ids = processes.shard(next(data)).to(self.runtime.device)  # (B, T): this process's rows
+            with self.runtime.autocast:
+                loss, figures = task.loss(ids, self.step)
+            (loss / config.grad_accum).backward()
+            for key, value in figures.items():
+                totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            tokens += ids.numel() * processes.world_size
+        processes.average_gradients(self.params)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        after = task.after_step(self.step)
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        figures = {key: processes.mean(value) for key, value in totals.items()}
+        return {"step": self.step, **after, **figures, "lr": lr, "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+    def run(self):
+        """Train from the current step until the task is done, then save; returns the saved result."""
+        task, main = self.task, self.runtime.processes.is_main
+        data = self.batches.batches(start=self.step * task.config.grad_accum)
+        bar, shown = None, None
+        while not task.done(self.step):
+            name, done, total = task.phase(self.step)
+            if name != shown:
+                if bar is not None:
+                    bar.close()
+                bar, shown = tqdm(desc=name, total=total, initial=done, unit="step", disable=not main), name
+            stats = self.train_step(data)
+            if main:
+                with open(self.output_dir / task.log_file, "a") as log:
+                    log.write(json.dumps(stats) + "\n")
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "lambda", "size_ratio")})
+            every = task.config.checkpoint_every
+            if every and self.step % every == 0 and not task.done(self.step):
+                self.checkpoint()
+        if bar is not None:
+            bar.close()
+        return self.save()
+
+    def begin(self) -> None:
+        """Start a fresh run: write its record (main process)."""
+        self.task.begin()
+        if self.runtime.processes.is_main:
+            write_json(self.record_path, self.record())
+
+    @torch.no_grad()
+    def save(self):
+        """The task's result, written by the main process with the finished run record; checkpoints are removed."""
+        main = self.runtime.processes.is_main
+        if self.task.config.gradient_checkpointing:
+            set_gradient_checkpointing(self.task.model, False)
+        result = self.task.save(self.output_dir if main else None)
+        if main:
+            write_json(self.record_path, self.record(finished=True))
+            remove_checkpoints(self.output_dir)
+        self.runtime.processes.wait()
+        return result
+
+    @torch.no_grad()
+    def checkpoint(self) -> Path | None:
+        """Write everything a resumed run needs, atomically (acip.checkpoints); the main process writes, the others
+        hold the same state and return None."""
+        if not self.runtime.processes.is_main:
+            return None
+        tensors, task_meta = self.task.state()
+        optim, param_groups = optimizer_tensors(self.optimizer)
+        meta = {"step": self.step, "elapsed": self.elapsed, "param_groups": param_groups, "task": task_meta,
+                "summary": self.task.summary}  # fmt: skip
+        return save_checkpoint(self.output_dir, self.step, {**rng_tensors(), **tensors, **optim}, meta)
+
+    @torch.no_grad()
+    def resume(self) -> None:
+        """Bring a freshly built loop and task to the state of the output folder's latest checkpoint."""
+        tensors, meta = load_checkpoint(latest_checkpoint(self.output_dir))
+        self.task.load_state(tensors, meta["task"])
+        self.task.summary = meta["summary"]
+        self.step, self.elapsed = meta["step"], meta["elapsed"]
+        load_optimizer(self.optimizer, tensors, meta["param_groups"], self.runtime.device)
+        restore_rng(tensors)
+        if self.runtime.processes.is_main:
+            truncate_log(self.output_dir / self.task.log_file, self.step)
+
+
+def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume: bool, overwrite: bool):
+    """Run a task end to end: settings (a resumed run keeps the recorded ones), the output folder (checked before
+    anything is built, prepared after), ``build(config, runtime) -> Task``, resume or begin, train, save."""
+    runtime = Runtime()
+    processes = runtime.processes
+    config = resumed_settings(config, Path(output_dir) / record_file, resume, processes.world_size)
+    config.validate()
+    if processes.is_main:
+        prepare_output_dir(output_dir, resume, overwrite, check_only=True)
+    task = build(config, runtime)
+    if processes.is_main:
+        prepare_output_dir(output_dir, resume, overwrite)
+    processes.wait()
+    loop = TrainingLoop(task, output_dir, runtime)
+    if resume:
+        loop.resume()
+    else:
+        loop.begin()
+    return loop.run()
+
+
+def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int) -> TrainingConfig:
+    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes)."""
+    if not (resume and record_path.exists()):
+        return config
+    record = json.loads(record_path.read_text())
+    started = record.get("processes", 1)
+    if started != world_size:
+        raise ValueError(
+            f"this run was started with {started} process(es) and is resumed with {world_size}: each step's global "
+            f"batch would change; resume with accelerate launch --num_processes {started}"
+        )
+    return type(config)(**record["config"])
