@@ -4,7 +4,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel
-from .hub.parametrization import LowRankLinear, SVDLinear, plan_pruning
+from .hub.parametrization import LowRankLinear, SVDLinear
+from .hub.pruning import plan_pruning
 from .training import ACIPRunConfig, preset, run_acip
 from .whitening import parametrize
 
