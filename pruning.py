@@ -186,10 +186,10 @@ class Ranking:
     by layer order; -0.0 ties +0.0, ±inf are scores like any other, NaN is rejected. A block of equal scores (an
     untrained map, or masks that died on the same step) is thereby cut evenly across layers.
 
-    A prefix of ``p`` items keeps, in each layer, the items placed before ``p``; ``positions`` holds every layer's
-    places in ascending order, offset by ``layer · n`` so that one ``searchsorted`` counts the kept ranks of all
-    layers at once. A layer whose kept ranks reach the dense cost keeps all its ranks (they cost nothing more).
-    Holds two (n,) tensors (12 bytes per score).
+    A prefix of the order keeps, in each layer, its items in the prefix; a layer whose kept ranks reach the dense
+    cost keeps all its ranks (they cost nothing more). Walking the order, each item adds what its layer's next rank
+    costs, so the cost of every prefix is one cumulative sum, and a budget is met by one binary search over it.
+    Holds about 20 bytes per score, plus 8 per score for each storage a memory budget was asked in.
     """
 
     def __init__(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]):
@@ -204,18 +204,45 @@ class Ranking:
         flat = torch.cat([s.detach().to(device="cpu", dtype=torch.float32).flatten() for s in scores])  # (n,), a copy
         if not torch.isfinite(flat.sum()) and torch.isnan(flat).any():  # the sum is a cheap first test
             raise ValueError("the score map contains NaN; scores must be numbers")
-        self.size = n = flat.numel()
-        self.in_features = torch.tensor([i for i, _ in self.shapes], dtype=torch.int64)  # (L,)
-        self.out_features = torch.tensor([o for _, o in self.shapes], dtype=torch.int64)  # (L,)
+        n = flat.numel()
         layer_ids, tie_order = _shape_tables(self.ranks)
         key = _descending_key(flat).index_select(0, tie_order)  # (n,) in tie-break order
         order = tie_order.index_select(0, torch.argsort(key, stable=True).to(torch.int32))  # (n,) items, best first
-        self.place = torch.empty(n, dtype=torch.int32)  # (n,) each item's position in the order
-        self.place.scatter_(0, order.long(), torch.arange(n, dtype=torch.int32))
-        by_layer = torch.argsort(layer_ids.index_select(0, order), stable=True)  # positions, grouped by layer
-        self.positions = by_layer + layer_ids * n  # (n,) int64, ascending
-        self.starts = torch.tensor([0, *self.ranks[:-1]], dtype=torch.int64).cumsum(0)  # (L,) first entry per layer
-        self._layer_base = torch.arange(len(self.ranks), dtype=torch.int64) * n  # (L,)
+        place = torch.empty(n, dtype=torch.int32)  # (n,) each item's position in the order
+        place.scatter_(0, order.long(), torch.arange(n, dtype=torch.int32))
+        self._places = place.split(list(self.ranks))  # (k,) per layer
+        self._layer_of = layer_ids.index_select(0, order)  # (n,) the layer of each position
+        by_layer = torch.argsort(self._layer_of, stable=True)  # (n,) positions, grouped by layer, ascending in each
+        starts = torch.tensor([0, *self.ranks[:-1]], dtype=torch.int64).cumsum(0)  # (L,) where each group begins
+        self._taken = torch.empty(n, dtype=torch.int32)  # (n,) ranks of its layer kept before each position
+        self._taken.scatter_(0, by_layer, (torch.arange(n) - starts.index_select(0, layer_ids)).to(torch.int32))
+        self.in_features = torch.tensor([i for i, _ in self.shapes], dtype=torch.int64)  # (L,)
+        self.out_features = torch.tensor([o for _, o in self.shapes], dtype=torch.int64)  # (L,)
+        first_dense = (self.in_features * self.out_features + self.in_features + self.out_features - 1) // (
+            self.in_features + self.out_features)  # (L,) the smallest rank stored dense: ceil(in·out / (in + out))
+        self._dense_from = by_layer.index_select(0, starts + first_dense - 1) + 1  # (L,) prefixes that make it dense
+        self.cost = self._prefix_totals(rank_cost)  # (n + 1,) weights of every prefix
+        self._bytes = {}
+
+    def _prefix_totals(self, price) -> torch.Tensor:
+        """(n + 1,) ``price`` (a function of rank, in_features, out_features) summed over the layers, at every prefix
+        length: what each position adds to its layer, accumulated."""
+        in_features = self.in_features.index_select(0, self._layer_of)  # (n,)
+        out_features = self.out_features.index_select(0, self._layer_of)  # (n,)
+        taken = self._taken.long()
+        added = price(taken + 1, in_features, out_features) - price(taken, in_features, out_features)  # (n,)
+        return torch.cat([added.new_zeros(1), added.cumsum(0)])
+
+    def bytes(self, storage) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n + 1,) bytes of the compressed layers' weights in ``storage`` at every prefix length, and their running
+        maximum (computed once per storage).
+
+        A few bytes can go back where a layer turns dense in 4 bits (two partly filled blocks of absmax become one);
+        searching the running maximum finds the longest prefix all of whose prefixes fit, nested by construction."""
+        if storage not in self._bytes:
+            sizes = self._prefix_totals(lambda r, i, o: layer_bytes(r, i, o, storage))
+            self._bytes[storage] = sizes, sizes.cummax(0).values
+        return self._bytes[storage]
 
     def is_for(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> bool:
         """Whether this ranking still describes ``scores``: the same tensors, unchanged since (their in-place version
@@ -231,33 +258,12 @@ class Ranking:
         """Whether every score tensor it was built from still exists."""
         return all(ref() is not None for ref, _, _ in self._sources)
 
-    def counts(self, prefix: int) -> torch.Tensor:
-        """Kept ranks per layer (L,) for the first ``prefix`` items of the order."""
-        return torch.searchsorted(self.positions, self._layer_base + prefix) - self.starts
-
-    def first_prefix(self, reaches) -> int:
-        """Smallest prefix length p in [0, n] whose counts satisfy ``reaches`` ((L,) -> bool, monotone in p); n + 1
-        if none does. A bisection: about log2(n) probes of one batched binary search each."""
-        low, high = 0, self.size + 1  # reaches(p) is false for every p < low, and true at high (or high is n + 1)
-        while low < high:
-            middle = (low + high) // 2
-            if bool(reaches(self.counts(middle))):
-                high = middle
-            else:
-                low = middle + 1
-        return low
-
     def keep(self, prefix: int) -> list[torch.Tensor]:
         """One boolean keep mask (k,) per layer for the first ``prefix`` items: one comparison per score."""
-        counts = self.counts(prefix)  # (L,)
-        keep = (self.place < prefix).split(list(self.ranks))  # views of one (n,) tensor
-        for layer in torch.nonzero(is_dense_rank(counts, self.in_features, self.out_features)).flatten().tolist():
-            keep[layer].fill_(True)  # a layer stored dense keeps all its ranks: they cost nothing more
-        return list(keep)
-
-    def cost(self, prefix: int) -> int:
-        """Weights the target layers cost compressed to the first ``prefix`` items."""
-        return int(rank_cost(self.counts(prefix), self.in_features, self.out_features).sum())
+        dense = (self._dense_from <= prefix).tolist()  # a layer stored dense keeps all its ranks: they cost no more
+        # Layer by layer: each comparison is small enough to run on one thread, while one (n,) comparison would be
+        # split across threads and, on a busy machine, wait for the slowest (about a scheduler tick, ~8 ms here).
+        return [torch.ones_like(p, dtype=torch.bool) if d else p < prefix for p, d in zip(self._places, dense)]
 
 
 _RANKINGS: list[Ranking] = []  # the last few score maps seen, most recent last
@@ -290,10 +296,9 @@ def plan_pruning(
         One boolean keep mask per layer, and the cost of the plan in weights.
     """
     order = ranking(scores, shapes)
-    total = int((order.in_features * order.out_features).sum())
-    budget = min(max(int(budget), 0), total)
-    prefix = order.first_prefix(lambda c: rank_cost(c, order.in_features, order.out_features).sum() >= budget)
-    return order.keep(prefix), order.cost(prefix)
+    budget = min(max(int(budget), 0), int(order.cost[-1]))
+    prefix = int(torch.searchsorted(order.cost, budget))  # the shortest prefix that costs at least the budget
+    return order.keep(prefix), int(order.cost[prefix])
 
 
 def plan_memory(
@@ -306,11 +311,8 @@ def plan_memory(
         One boolean keep mask per layer, and the bytes of the plan's weights.
     """
     order = ranking(scores, shapes)
-
-    def weights_bytes(counts: torch.Tensor) -> int:
-        return int(layer_bytes(counts, order.in_features, order.out_features, storage).sum())
-
-    prefix = order.first_prefix(lambda counts: weights_bytes(counts) > budget) - 1
+    sizes, most = order.bytes(storage)  # (n + 1,) each
+    prefix = int(torch.searchsorted(most, int(budget), right=True)) - 1  # the longest prefix within the budget
     if prefix < 0:  # every layer at rank 0 takes 0 bytes: only a negative budget gets here
         raise ValueError(f"no plan fits {budget} bytes")
-    return order.keep(prefix), weights_bytes(order.counts(prefix))
+    return order.keep(prefix), int(sizes[prefix])
