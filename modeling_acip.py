@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMix
 
 from .configuration_acip import ACIPConfig
 from .parametrization import LowRankLinear, SVDLinear, keep_4bit_cpu_path_safe, linear_num_params, to_4bit
-from .pruning import (
+from .pruning import (  # QUANT_TYPES: the package imports it from here
     QUANT_TYPES,
     bytes_budget,
     check_ratio,
@@ -29,6 +29,7 @@ from .pruning import (
     ratio_budget,
     stored_bytes,
 )
+
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
     """peft's convention: a string is a regex that must match the whole name; a list holds names or name suffixes."""
