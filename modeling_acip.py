@@ -2,73 +2,33 @@
 score map, then compressible and quantizable into an ordinary (smaller) causal LM.
 
 Loads with ``AutoModel.from_pretrained(dir_or_repo, trust_remote_code=True)`` (or ``AutoModelForCausalLM``).
-This file is part of the Hub payload: it imports only torch, transformers, optional bitsandbytes, and its two
-sibling files.
+This file is part of the Hub payload: it imports only torch, transformers, safetensors and its sibling files.
 """
 
-import ctypes
-import math
-import numbers
+import json
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 
 from .configuration_acip import ACIPConfig
-from .parametrization import LowRankLinear, SVDLinear, is_dense_rank, linear_num_params, plan_pruning
-
-try:  # optional: only quantize() needs it
-    import bitsandbytes as bnb
-except ImportError:
-    bnb = None
-
-QUANT_TYPES = ("nf4", "fp4")
-_QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def _parse_bytes(value) -> int:
-    """A memory size in bytes: an int, or a string such as ``"300MB"`` or ``"1.5 GiB"`` (MB = 10⁶ B, MiB = 2²⁰ B)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        number = int(value)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
-        if isinstance(value, bool) or match is None or match.group(2) not in _BYTE_UNITS:
-            raise ValueError(
-                f"memory_budget must be a number of bytes or a string like '300MB' or '1.5GiB' (units: "
-                f"{', '.join(u for u in _BYTE_UNITS if u)}), got {value!r}"
-            )
-        number = int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
-    if number <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
-    return number
-
-
-def _tensor_bytes(numel: int, storage) -> int:
-    """Bytes of a weight of ``numel`` values stored as ``storage`` (a torch dtype or a 4-bit quant type)."""
-    if storage in QUANT_TYPES:  # two values per byte, plus the float32 absmax of every block
-        return (numel + 1) // 2 + 4 * math.ceil(numel / _QUANT_BLOCK)
-    return numel * storage.itemsize
-
-
-try:  # glibc only; elsewhere (macOS, Windows, musl) freed memory is simply left to the allocator
-    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):
-    _malloc_trim = None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed on the heap back to the OS (glibc's malloc_trim).
-
-    Parametrizing frees a dense weight and allocates its factors, layer after layer; glibc keeps freed blocks below
-    its (self-raising) mmap threshold in the heap, where fragmentation made peak RSS vary from 1.08x to 1.27x the
-    finished model between identical runs. Trimming after every layer keeps it at the live size (1.07x, every run).
-    """
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+from .parametrization import LowRankLinear, SVDLinear, keep_4bit_cpu_path_safe, linear_num_params, to_4bit
+from .pruning import (  # QUANT_TYPES: the package imports it from here
+    QUANT_TYPES,
+    bytes_budget,
+    check_ratio,
+    check_scores,
+    check_storage,
+    layer_bytes,
+    plan_memory,
+    plan_pruning,
+    ratio_budget,
+    stored_bytes,
+)
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -78,13 +38,35 @@ def _matches(name: str, patterns: str | list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _submodule(root: nn.Module, name: str) -> nn.Module:
+    """``root.get_submodule(name)`` for a name known to exist, without its per-level checks: several times faster,
+    which shows on every prune of a model with hundreds of layers."""
+    for part in name.split("."):
+        root = root._modules[part]
+    return root
+
+
+def _check_plain_base(base_model: nn.Module) -> None:
+    """A clear error when ``base_model`` is an ACIP model or already holds ACIP layers: they would nest."""
+    if getattr(getattr(base_model, "config", None), "model_type", None) == ACIPConfig.model_type:
+        raise TypeError("base_model is already an ACIP model; pass the plain causal LM it was built from")
+    for name, module in base_model.named_modules():
+        if isinstance(module, LowRankLinear):
+            raise ValueError(
+                f"base_model already holds ACIP layers ({type(module).__name__} at {name!r}); pass a plain causal LM, "
+                "or wrap layers built by acip.parametrize with ACIPModel.from_parametrized_base"
+            )
+
+
 def find_target_modules(
     base_model: nn.Module,
     target_modules: str | list[str] = "all-linear",
     exclude_modules: str | list[str] | None = None,
 ) -> list[str]:
     """Names of the linear layers of ``base_model`` to parametrize: ``"all-linear"`` (every nn.Linear but the output
-    head), a regex matched against whole names, or a list of names / name suffixes; minus ``exclude_modules``."""
+    head), a regex matched against whole names, or a list of names / name suffixes; minus ``exclude_modules``.
+    Each must be a plain float nn.Linear with finite weights (checked unless on the meta device)."""
+    _check_plain_base(base_model)
     head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
     names = []
     for name, module in base_model.named_modules():
@@ -94,11 +76,13 @@ def find_target_modules(
             continue
         if exclude_modules is not None and _matches(name, exclude_modules):
             continue
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear or not module.weight.is_floating_point():
             raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}; ACIP parametrizes plain float nn.Linear layers "
-                "(load the base model unquantized and without adapters)"
+                f"base_model's target module {name!r} is a {type(module).__name__}; ACIP parametrizes plain float "
+                "nn.Linear layers (load the base model unquantized and without adapters)"
             )
+        if not module.weight.is_meta and not bool(torch.isfinite(module.weight).all()):
+            raise ValueError(f"base_model's target module {name!r} has NaN or infinite weights")
         names.append(name)
     if not names:
         raise ValueError(
@@ -108,23 +92,45 @@ def find_target_modules(
     return names
 
 
-def _check_ratio(compression_ratio, size_ratio) -> float:
-    """The one target ratio given by either name; a clear error for anything that is not a number in [0, 1]."""
-    given = {k: v for k, v in (("compression_ratio", compression_ratio), ("size_ratio", size_ratio)) if v is not None}
-    if not given:
-        raise TypeError("prune_model_by_score() needs compression_ratio (the fraction of parameters kept, in [0, 1])")
-    for name, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number in [0, 1] (the fraction of parameters kept), got {value!r}")
-        if not (0.0 <= float(value) <= 1.0):  # NaN fails this too
-            raise ValueError(f"{name} must be in [0, 1] (the fraction of parameters kept), got {value!r}")
-    values = {float(v) for v in given.values()}
-    if len(values) > 1:
-        raise ValueError(
-            f"compression_ratio={compression_ratio!r} and size_ratio={size_ratio!r} disagree; they mean the same "
-            "thing (the fraction of parameters kept): pass one"
-        )
-    return values.pop()
+def _parametrized_layers(base_model: nn.Module) -> tuple[list[str], float]:
+    """The names of the SVDLinear layers of a base model built by the package, in module order, and their common
+    mask constant; a clear error for an ACIP model, compressed layers, none at all, or mixed constants."""
+    if getattr(getattr(base_model, "config", None), "model_type", None) == ACIPConfig.model_type:
+        raise TypeError("base_model is already an ACIP model; pass the causal LM whose layers were parametrized")
+    layers = {n: m for n, m in base_model.named_modules() if isinstance(m, LowRankLinear)}
+    constants = {m.mask_constant for m in layers.values() if isinstance(m, SVDLinear)}
+    if not layers or len(constants) != 1 or not all(isinstance(m, SVDLinear) for m in layers.values()):
+        raise ValueError("base_model must hold SVDLinear layers (no compressed ones), all of one mask_constant")
+    return list(layers), constants.pop()
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+    """The safetensors files of a local checkpoint folder (one file, or the shards its index names)."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        return []
+    try:
+        with open(index) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a valid safetensors index (truncated or damaged?)") from error
+    return [os.path.join(folder, shard) for shard in sorted(shards)]
+
+
+def _check_complete(folder: str) -> None:
+    """A clear error naming the file when a local checkpoint file is truncated or damaged (safetensors' own error
+    names none). Hub downloads are checked by huggingface_hub."""
+    for path in _checkpoint_files(folder) if os.path.isdir(folder) else []:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is not a complete safetensors file ({os.path.getsize(path):,} bytes; {error}): it was "
+                "truncated or damaged, copy or download it again"
+            ) from error
 
 
 class ACIPPreTrainedModel(PreTrainedModel):
@@ -170,74 +176,52 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             return nn.Linear(**shape, **like)
         return LowRankLinear(**shape, rank=self.config.layer_ranks[name], **like)
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # Construction and loading
-    # ---------------------------------------------------------------------------------------------------------------
-
     @classmethod
+    @torch.no_grad()
     def from_base_model(
         cls,
         base_model: PreTrainedModel,
         target_modules: str | list[str] = "all-linear",
         exclude_modules: str | list[str] | None = None,
         mask_constant: float = 2e-2,
-        whitening: Callable[[str], torch.Tensor] | None = None,
     ) -> "ACIPModel":
-        """Wrap a loaded causal LM, replacing its target linear layers by SVD-parametrized ones in place (one layer at
-        a time, in module order, on the layer's device). At ratio 1.0 the result computes what the base model did.
-
-        ``whitening`` selects the whitened basis: called with each target's name (after every earlier target was
-        replaced), it returns the layer's lower-triangular input Gram factor L (see ``SVDLinear.from_linear``);
-        ``acip.whitening`` computes it from calibration text, one decoder block at a time. None: the weight's SVD.
-        """
+        """Wrap a loaded causal LM, its target linear layers replaced by SVD-parametrized ones (plain SVD of each
+        weight). Every layer is checked and converted before any is swapped in, so a failure leaves ``base_model``
+        exactly as it was. At ratio 1.0 the result computes what the base model did. For the whitened basis and a
+        memory-lean build of large models, use ``acip.parametrize``."""
         names = find_target_modules(base_model, target_modules, exclude_modules)
-        # The targets are plain float layers (checked above), so any quantization record of the base model (e.g. the
-        # GGUF file it was de-quantized from) no longer describes the weights; kept, it would mark reloads as quantized.
+        layers = {name: SVDLinear.from_linear(base_model.get_submodule(name), mask_constant) for name in names}
+        for name, layer in layers.items():
+            base_model.set_submodule(name, layer)
+        return cls.from_parametrized_base(base_model)
+
+    @classmethod
+    def from_parametrized_base(cls, base_model: PreTrainedModel, basis: str = "weight") -> "ACIPModel":
+        """Wrap a base causal LM whose target layers are already SVDLinear (built with ``SVDLinear.from_svd``):
+        the targets are those layers in module order, the mask constant theirs, ``basis`` as they were built."""
+        names, mask_constant = _parametrized_layers(base_model)
+        config = ACIPConfig(text_config=base_model.config, target_modules=names, mask_constant=mask_constant,
+                            base_model_name_or_path=getattr(base_model, "name_or_path", None) or None, basis=basis)
+        # The targets are plain float layers now, so a quantization record of the base model (e.g. the GGUF file it
+        # was de-quantized from) no longer describes the weights; kept, it would mark reloads as quantized.
         if getattr(base_model.config, "quantization_config", None) is not None:
             del base_model.config.quantization_config
-        config = ACIPConfig(
-            text_config=base_model.config,
-            target_modules=names,
-            mask_constant=mask_constant,
-            base_model_name_or_path=getattr(base_model, "name_or_path", None) or None,
-            basis="weight" if whitening is None else "whitened",
-        )
         with torch.device("meta"):  # the structure only: the base model's own modules are put in below
             model = cls(config)
         model.model = base_model
         model.generation_config = base_model.generation_config
-        for name in names:
-            dense = base_model.get_submodule(name)
-            factor = whitening(name) if whitening is not None else None
-            base_model.set_submodule(name, SVDLinear.from_linear(dense, mask_constant, whitening=factor))
-            del factor
-            del dense  # free each dense weight as soon as its factors exist
-            _release_freed_memory()
-        model.train(base_model.training)
-        return model
+        return model.train(base_model.training)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved ACIP model; a checkpoint lacking or mismatching any tensor is an error, never re-initialised."""
         want_info = kwargs.pop("output_loading_info", False)
-        mismatch = "the checkpoint's tensors do not match the shapes config.json gives (per-layer ranks, targets)"
-        try:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:
-            if "mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
-                raise ValueError(f"{mismatch}; see the load report above") from error
-            raise
-        bad = sorted(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
-        if bad:
-            raise ValueError(f"{mismatch}; missing or mismatched tensors: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False  # see _to_4bit
+        _check_complete(os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", "")))
+        kwargs["ignore_mismatched_sizes"] = True  # a mismatch is reported below by key, not raised mid-load
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        _check_loaded(model, info)
+        keep_4bit_cpu_path_safe(model)
         return (model, info) if want_info else model
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # The causal LM interface, delegated
-    # ---------------------------------------------------------------------------------------------------------------
 
     def get_input_embeddings(self):
         """The base LM's input embeddings."""
@@ -280,14 +264,10 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # ACIP layers, sizes and the score map
-    # ---------------------------------------------------------------------------------------------------------------
-
     def acip_layers(self) -> dict[str, nn.Module]:
         """The target layers by name (relative to the base LM): SVDLinear before compress, after it LowRankLinear or
         nn.Linear (possibly 4-bit)."""
-        return {name: self.model.get_submodule(name) for name in self.config.target_modules}
+        return {name: _submodule(self.model, name) for name in self.config.target_modules}
 
     def _prunable_layers(self) -> dict[str, SVDLinear]:
         """The SVD layers, or a clear error once the model has been compressed."""
@@ -304,106 +284,36 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         return {name: layer.score for name, layer in self._prunable_layers().items()}
 
     @score_map.setter
-    def score_map(self, scores: dict[str, torch.Tensor]) -> None:
+    def score_map(self, scores: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(scores, Mapping):
+            raise TypeError(f"score_map must be a dict of layer name -> scores, got {type(scores).__name__}")
         layers = self._prunable_layers()
-        checked = {}
-        for name, score in scores.items():  # check everything before writing anything
-            if name not in layers:
-                raise KeyError(f"score_map has no layer {name!r}; layers are named as in model.score_map")
-            score = torch.as_tensor(score).detach()
-            if score.shape != layers[name].score.shape:
-                raise ValueError(f"score_map[{name!r}] must have shape {tuple(layers[name].score.shape)}")
-            if torch.isnan(score).any():
-                raise ValueError(f"score_map[{name!r}] contains NaN")
-            checked[name] = score
-        for name, score in checked.items():
-            layers[name].score.copy_(score.float())
-
-    def _other_num_params(self) -> int:
-        """Parameters outside the target layers (embeddings, norms, head, untargeted layers), tied ones once."""
-        inside = {id(p) for layer in self.acip_layers().values() for p in layer.parameters()}
-        total = 0
-        for p in self.model.parameters():
-            if id(p) not in inside:
-                state = getattr(p, "quant_state", None)  # 4-bit storage is packed; count the logical weights
-                total += state.shape.numel() if state is not None else p.numel()
-        return total
-
-    def _original_num_params(self) -> int:
-        """Parameters of the target layers before any compression, biases included."""
-        return sum(linear_num_params(layer) for layer in self.acip_layers().values())
+        unknown = [name for name in scores if name not in layers]
+        if unknown:
+            raise KeyError(f"score_map has no layer {unknown[0]!r}; layers are named as in model.score_map")
+        checked = {name: check_scores(name, s, layers[name].score.shape) for name, s in scores.items()}
+        for name, score in checked.items():  # written only once every entry passed
+            layers[name].score.copy_(score)
 
     def get_num_params(self, full: bool = False) -> int:
         """Parameters after compression at the current pruning state: target layers only, or the whole model."""
-        current = 0
-        for layer in self.acip_layers().values():
-            current += layer.num_params() if isinstance(layer, LowRankLinear) else linear_num_params(layer)
-        return current + (self._other_num_params() if full else 0)
+        layers = self.acip_layers().values()
+        current = sum(m.num_params() if isinstance(m, LowRankLinear) else linear_num_params(m) for m in layers)
+        return current + _outside_num_params(self, full)
 
     def get_size_ratio(self, full: bool = False) -> float:
         """Size after compression at the current pruning state / original size: over the target layers (the
         literature's convention), or over the whole model with ``full=True``."""
-        other = self._other_num_params() if full else 0
-        return self.get_num_params(full) / (self._original_num_params() + other)
-
-    def _storage(self, dtype) -> torch.dtype | str:
-        """How the target layers' weights will be stored: ``dtype`` if given (a torch dtype, or "nf4"/"fp4"),
-        else as they are now."""
-        if dtype is None:
-            quantization = getattr(self.config, "quantization_config", None)
-            if quantization is not None:
-                return quantization.bnb_4bit_quant_type
-            return next(iter(self.acip_layers().values())).u.weight.dtype
-        if dtype in QUANT_TYPES or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            return dtype
-        raise ValueError(f"dtype must be a floating torch dtype or one of {QUANT_TYPES}, got {dtype!r}")
-
-    def _other_bytes(self, storage) -> int:
-        """Bytes of everything but the target layers after compress() (and quantize() for a 4-bit storage)."""
-        layers = self.acip_layers().values()
-        inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
-        head = self.model.get_output_embeddings()
-        quantized = set()
-        if storage in QUANT_TYPES:  # quantize() also turns the untargeted linear layers (not the head) to 4 bits
-            quantized = {id(m.weight) for m in self.model.modules() if type(m) is nn.Linear and m is not head}
-        total = 0
-        for tensor in [*self.model.parameters(), *self.model.buffers()]:  # tied weights appear once
-            if id(tensor) in inside:
-                continue
-            if id(tensor) in quantized:
-                total += _tensor_bytes(tensor.numel(), storage)
-            elif tensor.is_floating_point() and isinstance(storage, torch.dtype):
-                total += tensor.numel() * storage.itemsize  # model.to(dtype) converts every float tensor
-            else:
-                total += tensor.numel() * tensor.element_size()
-        return total
-
-    def _layer_bytes(self, layer: SVDLinear, rank: int, storage) -> int:
-        """Bytes of one target layer compressed to ``rank`` (dense when factors would not be smaller)."""
-        if is_dense_rank(rank, layer.in_features, layer.out_features):
-            weights = _tensor_bytes(layer.in_features * layer.out_features, storage)
-        else:
-            weights = sum(_tensor_bytes(rank * n, storage) for n in (layer.in_features, layer.out_features))
-        bias = layer.bias
-        if bias is None:
-            return weights
-        return weights + bias.numel() * (storage.itemsize if isinstance(storage, torch.dtype) else bias.element_size())
-
-    def _target_bytes(self, layers: list[SVDLinear], keep: list[torch.Tensor], storage) -> int:
-        """Bytes of the target layers compressed to the kept ranks ``keep`` (one boolean mask per layer)."""
-        return sum(self._layer_bytes(layer, int(kept.sum()), storage) for layer, kept in zip(layers, keep))
+        return self.get_num_params(full) / (_dense_num_params(self) + _outside_num_params(self, full))
 
     def compressed_bytes(self, dtype: torch.dtype | str | None = None) -> int:
         """Bytes of parameters and buffers the model will hold after ``compress()`` at the current pruning state
         (tied weights once); with ``dtype`` after ``.to(dtype)``, or with "nf4"/"fp4" after ``quantize()``
         (4-bit weights, their quantization constants, everything else as it is)."""
-        storage = self._storage(dtype)
-        layers = list(self._prunable_layers().values())
-        return self._other_bytes(storage) + self._target_bytes(layers, [layer.kept for layer in layers], storage)
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Prune, compress, quantize
-    # ---------------------------------------------------------------------------------------------------------------
+        storage = _storage(self, dtype)
+        layers = self._prunable_layers().values()
+        weights = sum(layer_bytes(int(m.kept.sum()), m.in_features, m.out_features, storage) for m in layers)
+        return _fixed_bytes(self, storage) + weights
 
     @torch.no_grad()
     def prune_model_by_score(
@@ -428,60 +338,21 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             dtype: with ``memory_budget``, the storage to count: a torch dtype, "nf4"/"fp4" (after quantize()),
                 or None for the current one.
         """
+        other = _outside_num_params(self, full)
+        layers = list(self._prunable_layers().values())
+        scores, shapes = [m.score for m in layers], [(m.in_features, m.out_features) for m in layers]
         if memory_budget is not None:
             if compression_ratio is not None or size_ratio is not None:
                 raise ValueError("pass either a compression_ratio or a memory_budget, not both")
-            return self._prune_to_bytes(_parse_bytes(memory_budget), memory_budget, dtype)
-        if dtype is not None:
-            raise ValueError("dtype only applies to memory_budget")
-        ratio = _check_ratio(compression_ratio, size_ratio)
-        layers = self._prunable_layers()
-        biases = sum(layer.out_features for layer in layers.values() if layer.bias is not None)
-        other = self._other_num_params() if full else 0
-        target = ratio * (self._original_num_params() + other)  # parameters to reach
-        if target < other + biases - 1e-6:
-            lowest = (other + biases) / (self._original_num_params() + other)
-            raise ValueError(
-                f"compression_ratio={ratio} is below what full={full} allows: with the uncompressed parts counted "
-                f"the ratio must be in [{lowest:.4f}, 1]"
-            )
-        scores = [layer.score for layer in layers.values()]
-        shapes = [(layer.in_features, layer.out_features) for layer in layers.values()]
-        keep, _ = plan_pruning(scores, shapes, math.ceil(target - other - biases - 1e-6))
-        for layer, kept in zip(layers.values(), keep):
-            layer.set_kept(kept)
-        return self
-
-    @torch.no_grad()
-    def _prune_to_bytes(self, budget: int, given, dtype) -> "ACIPModel":
-        """The largest prefix of the global ranking whose compressed model fits ``budget`` bytes."""
-        storage = self._storage(dtype)
-        layers = list(self._prunable_layers().values())
-        scores = [layer.score for layer in layers]
-        shapes = [(layer.in_features, layer.out_features) for layer in layers]
-        other = self._other_bytes(storage)
-
-        def plan(weights: int):
-            keep, _ = plan_pruning(scores, shapes, weights)
-            return keep, other + self._target_bytes(layers, keep, storage)
-
-        keep, smallest = plan(0)
-        if smallest > budget:
-            raise ValueError(
-                f"memory_budget={given!r} ({budget:,} bytes) is below the smallest this model can be in {storage}: "
-                f"it must be at least {smallest:,} bytes (every rank pruned; the uncompressed parts remain)"
-            )
-        # Plans are nested and their bytes grow with the weight budget: bisect for the largest one that fits.
-        low, high = 0, sum(i * o for i, o in shapes)
-        keep, size = plan(high)
-        if size > budget:
-            while high - low > 1:
-                middle = (low + high) // 2
-                if plan(middle)[1] <= budget:
-                    low = middle
-                else:
-                    high = middle
-            keep, _ = plan(low)
+            storage = _storage(self, dtype)
+            budget = bytes_budget(memory_budget, _fixed_bytes(self, storage), storage)
+            keep, _ = plan_memory(scores, shapes, budget, storage)
+        else:
+            if dtype is not None:
+                raise ValueError("dtype only applies to memory_budget")
+            ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
+            fixed = other + sum(m.out_features for m in layers if m.bias is not None)
+            keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full))
         for layer, kept in zip(layers, keep):
             layer.set_kept(kept)
         return self
@@ -496,82 +367,108 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 "compress() needs plain factor layers: merge LoRA adapters first (peft merge_and_unload) and "
                 "compress before quantize()"
             )
-        ranks, dense = {}, []
-        for name, layer in layers.items():
-            small = layer.compressed()
-            self.model.set_submodule(name, small)
-            if isinstance(small, LowRankLinear):
-                ranks[name] = small.rank
-            else:
-                dense.append(name)
+        small = {name: layer.compressed() for name, layer in layers.items()}
+        for name, layer in small.items():
+            self.model.set_submodule(name, layer)
+        self.config.layer_ranks = {n: m.rank for n, m in small.items() if isinstance(m, LowRankLinear)}
+        self.config.dense_modules = [n for n, m in small.items() if not isinstance(m, LowRankLinear)]
         self.config.compressed = True
-        self.config.layer_ranks = ranks
-        self.config.dense_modules = dense
         return self
 
     @torch.no_grad()
     def quantize(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> "ACIPModel":
         """Quantize every linear layer of the base LM but the output head to 4 bits with bitsandbytes (the factor
-        layers and the dense ones). Works on CPU and CUDA. Returns the model.
-
-        Args:
-            quant_type: ``"nf4"`` (default) or ``"fp4"``.
-            compute_dtype: dtype of the matmuls; defaults to the model's dtype.
-        """
-        if bnb is None:
-            raise ImportError("quantize() needs bitsandbytes: pip install bitsandbytes")
+        layers and the dense ones; "nf4" or "fp4"), with matmuls in ``compute_dtype`` (default: the model's dtype).
+        Works on CPU and CUDA. Returns the model."""
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
         if getattr(self.config, "quantization_config", None) is not None:
             raise RuntimeError("this model is already quantized")
         compute_dtype = compute_dtype or self.dtype
         head = self.model.get_output_embeddings()
-        targets = [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if type(module) is nn.Linear and module is not head
-        ]
+        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
         for name, linear in targets:
-            self.model.set_submodule(name, _to_4bit(linear, quant_type, compute_dtype))
-        skip = [name for name, module in self.model.named_modules() if module is head]
+            self.model.set_submodule(name, to_4bit(linear, quant_type, compute_dtype))
         self.config.quantization_config = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=False,
-            llm_int8_skip_modules=[f"model.{name}" for name in skip],
+            llm_int8_skip_modules=[f"model.{name}" for name, module in self.model.named_modules() if module is head],
         )
         return self
 
 
-def _to_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes 4-bit copy of ``linear``, quantized on the layer's own device."""
-    device = linear.weight.device
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=False,
-        quant_type=quant_type,
-        device="meta",
-    )
-    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks the weight in place on the first no-grad eval forward,
-    # after which training forwards lose their input gradient, and the packed path fails when in_features % 64 != 0.
-    layer.support_avx512bf16_for_cpu = False
-    layer.weight = bnb.nn.Params4bit(
-        linear.weight.data,
-        requires_grad=False,
-        quant_type=quant_type,
-        compress_statistics=False,
-        module=layer,
-    ).to(device)
-    if linear.bias is not None:
-        layer.bias = linear.bias
-    return layer
+def _check_loaded(model: "ACIPModel", info: dict) -> None:
+    """A clear error for a loaded checkpoint that lacks or mismatches a tensor (transformers would have filled it with
+    fresh weights), or whose config.json mask_constant is not the one its factors were built with."""
+    bad = sorted(info["missing_keys"]) + sorted(str(key[0]) for key in info["mismatched_keys"])
+    if bad:
+        raise ValueError(
+            "the checkpoint's tensors do not match the shapes config.json gives (per-layer ranks, targets); "
+            f"missing or mismatched tensors: {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+        )
+    if not model.config.compressed:
+        _check_mask_constant(model)
 
 
-# save_pretrained copies the three Hub files next to config.json only for classes registered here; config.auto_map
+def _check_mask_constant(model: "ACIPModel") -> None:
+    """The factors hold U / c for the c they were built with; a live mask entry holds that c. A different
+    mask_constant in config.json would silently rescale every layer's output."""
+    expected = torch.tensor(model.config.mask_constant, dtype=torch.float32)
+    for name, layer in model.acip_layers().items():
+        mask = layer.mask.detach()
+        wrong = mask[(mask > 0) & (mask != expected.to(mask.device))] if not mask.is_meta else mask[:0]
+        if wrong.numel():
+            raise ValueError(
+                f"config.json gives mask_constant={model.config.mask_constant}, but the live masks of {name!r} "
+                f"hold {float(wrong[0])}: the factors were built for that constant. Restore mask_constant in "
+                "config.json (and reset masks trained to other values with prune_model_by_score(1.0) before saving)"
+            )
+
+
+def _outside_num_params(model: "ACIPModel", full: bool) -> int:
+    """With ``full``: parameters outside the target layers (embeddings, norms, head, untargeted layers), tied ones
+    once; else 0."""
+    if not isinstance(full, bool):
+        raise TypeError(f"full must be True or False, got {full!r}")
+    if not full:
+        return 0
+    inside = {id(p) for layer in model.acip_layers().values() for p in layer.parameters()}
+    outside = [p for p in model.model.parameters() if id(p) not in inside]
+    states = [getattr(p, "quant_state", None) for p in outside]  # 4-bit storage is packed: count logical weights
+    return sum(p.numel() if state is None else state.shape.numel() for p, state in zip(outside, states))
+
+
+def _dense_num_params(model: "ACIPModel") -> int:
+    """Parameters of the target layers before any compression, biases included."""
+    return sum(linear_num_params(layer) for layer in model.acip_layers().values())
+
+
+def _storage(model: "ACIPModel", dtype) -> torch.dtype | str:
+    """How the target layers' weights will be stored: ``dtype`` if given, else as they are now."""
+    if dtype is not None:
+        return check_storage(dtype)
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        return quantization.bnb_4bit_quant_type
+    return next(iter(model.acip_layers().values())).u.weight.dtype
+
+
+def _fixed_bytes(model: "ACIPModel", storage) -> int:
+    """Bytes of the compressed model (in ``storage``) that pruning does not change: all but the target weights."""
+    layers = model.acip_layers().values()
+    inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+    head = model.model.get_output_embeddings()
+    quantized = set()
+    if isinstance(storage, str):  # quantize() also turns the untargeted linear layers (not the head) to 4 bits
+        quantized = {id(m.weight) for m in model.model.modules() if type(m) is nn.Linear and m is not head}
+    outside = [t for t in [*model.model.parameters(), *model.model.buffers()] if id(t) not in inside]
+    biases = [layer.bias for layer in layers if layer.bias is not None]
+    return sum(stored_bytes(t, storage, id(t) in quantized) for t in outside + biases)
+
+
+# save_pretrained copies the Hub files next to config.json only for classes registered here; config.auto_map
 # (set by ACIPConfig) names all three auto classes, since registration records just one.
 ACIPConfig.register_for_auto_class()
 ACIPModel.register_for_auto_class("AutoModelForCausalLM")

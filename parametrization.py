@@ -1,4 +1,4 @@
-"""SVD-parametrized linear layers for ACIP: the prunable form, the compressed form, and the global pruning planner.
+"""SVD-parametrized linear layers for ACIP: the prunable form, the compressed form, and their 4-bit form.
 
 A dense layer ``y = W x + b`` with ``W`` of shape (out, in) and ``k = min(in, out)`` is rewritten as
 
@@ -8,25 +8,19 @@ with the two factors kept as plain ``nn.Linear`` children (``sv``: in -> k holdi
 and the bias), so that bitsandbytes, peft ``"all-linear"`` and transformers' quantized loading see ordinary linear
 layers. The full (out, in) weight is never materialised in the forward pass.
 
-This file is part of the Hub payload: it imports only torch.
+This file is part of the Hub payload: it imports only torch, optional bitsandbytes and its sibling pruning.py.
 """
-
-import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pruning import is_dense_rank, rank_cost
 
-def rank_cost(rank: int, in_features: int, out_features: int) -> int:
-    """Weights a layer of ``rank`` costs once compressed (bias excluded): factors, or dense when that is no larger."""
-    return min(rank * (in_features + out_features), in_features * out_features)
-
-
-def is_dense_rank(rank: int, in_features: int, out_features: int) -> bool:
-    """Whether a layer of ``rank`` is stored dense after compression, because factors would not be smaller."""
-    return rank * (in_features + out_features) >= in_features * out_features
+try:  # optional: only quantize() needs it
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
 
 
 def linear_num_params(layer: nn.Module) -> int:
@@ -126,40 +120,48 @@ class SVDLinear(LowRankLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(
-        cls, linear: nn.Linear, mask_constant: float = 2e-2, whitening: torch.Tensor | None = None
+    def from_linear(cls, linear: nn.Linear, mask_constant: float = 2e-2) -> "SVDLinear":
+        """Factorize a dense layer by the SVD of its weight, in float32 on the layer's device; the result reproduces
+        it exactly, keeps the layer's dtype and shares its bias tensor. Every score starts at ``mask_constant``."""
+        u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+        return cls.from_svd(u, s, vh, linear.bias, mask_constant, dtype=linear.weight.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_svd(
+        cls,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        vh: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        mask_constant: float = 2e-2,
+        score: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "SVDLinear":
-        """Factorize a dense layer by its SVD (on the layer's device); the result reproduces it exactly.
+        """A layer computing ``U · diag(s) · Vh`` (+ bias) from SVD outputs u (out, k), s (k,), vh (k, in), on their
+        device, in ``dtype`` (default: u's).
 
-        Plain basis (``whitening`` None): the SVD of W, in float32; the factors are the SVD's own output tensors,
-        scaled in place, so besides the SVD's workspace nothing is allocated and parametrizing a model layer by layer
-        never holds more than the finished model plus one layer. Every score starts at ``mask_constant``.
-
-        Whitened basis: ``whitening`` is a lower-triangular (in, in) L with L Lᵀ = XᵀX, the Gram matrix of the
-        layer's inputs. Then W L = U S Vᵀ and W = U · S (Vᵀ L⁻¹), in float64: dropping the smallest singular values
-        of W L removes the least output energy on those inputs (‖(W − W_r) Xᵀ‖ = ‖(W L − (W L)_r)‖). The scores
-        start at the whitened singular values divided by their norm (the share of the layer's output each direction
-        carries, comparable across layers), so pruning a fresh model by score is already a data-aware truncation.
+        The factors are made in place from the given tensors (``U / c`` and ``diag(s) · Vh``; only the cast to
+        ``dtype`` copies), so that building a model layer by layer never holds more than the finished model plus one
+        layer. ``bias`` is shared, not copied. Scores start at ``score`` (k,), or at ``mask_constant`` when None. For
+        a whitened basis, W·L = U S Vᵀ, the caller passes Vᵀ·L⁻¹ as ``vh``.
         """
-        dtype, device = linear.weight.dtype, linear.weight.device
-        if whitening is None:
-            u, s, vh = torch.linalg.svd(linear.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
-            score = torch.full_like(s, mask_constant)
-        else:
-            chol = whitening.to(device=device, dtype=torch.float64)  # (in, in)
-            u, s, vh = torch.linalg.svd(linear.weight.double() @ chol, full_matrices=False)
-            vh = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # Vᵀ L⁻¹, (k, in)
-            score = (s / s.norm().clamp_min(torch.finfo(s.dtype).tiny)).float()  # comparable across layers
+        (out_features, k), in_features = u.shape, vh.shape[-1]
+        if s.shape != (k,) or vh.shape != (k, in_features) or k != min(in_features, out_features):
+            raise ValueError(f"u {tuple(u.shape)}, s {tuple(s.shape)}, vh {tuple(vh.shape)} are not a thin SVD")
+        if not mask_constant > 0:
+            raise ValueError(f"mask_constant must be > 0, got {mask_constant!r}")
+        dtype = dtype or u.dtype
         with torch.device("meta"):  # the structure only; every tensor is put in below
-            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        mask_constant=mask_constant, dtype=dtype)  # fmt: skip
+            layer = cls(in_features, out_features, bias=bias is not None, mask_constant=mask_constant, dtype=dtype)
         layer.sv.weight = nn.Parameter(vh.mul_(s[:, None]).to(dtype))
         layer.u.weight = nn.Parameter(u.div_(mask_constant).to(dtype))
-        if linear.bias is not None:
-            layer.u.bias = nn.Parameter(linear.bias.detach())  # the dense layer's own tensor: no copy
-        layer.mask = nn.Parameter(torch.full_like(s, mask_constant, dtype=torch.float32))
-        layer.score = score
-        return layer.to(device)
+        if bias is not None:
+            layer.u.bias = nn.Parameter(bias.detach().to(dtype))
+        layer.mask = nn.Parameter(torch.full((k,), mask_constant, dtype=torch.float32, device=u.device))
+        scores = torch.full_like(layer.mask, mask_constant) if score is None else score.detach().to(layer.mask)
+        layer.score = scores.requires_grad_(False)
+        return layer
 
     def mask_value(self) -> torch.Tensor:
         """The mask as the forward pass uses it: ``c`` where alive, 0 where pruned; gradient as for ``relu(mask)``."""
@@ -243,151 +245,34 @@ class SVDLinear(LowRankLinear):
         return f"{super().extra_repr()}, kept={kept}, mask_constant={self.mask_constant}"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Global pruning plan: a pure function of (scores, layer shapes), so it runs on a 7B-scale score map without weights.
-# --------------------------------------------------------------------------------------------------------------------
+def to_4bit(linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes 4-bit copy of ``linear`` ("nf4" or "fp4"), quantized on the layer's own device."""
+    if bnb is None:
+        raise ImportError("quantize() needs bitsandbytes: pip install bitsandbytes")
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=False,
+        quant_type=quant_type,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=False, module=layer
+    ).to(linear.weight.device)
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    keep_4bit_cpu_path_safe(layer)
+    return layer
 
-_TOP_BITS = 10  # the first radix round buckets every score by its key's top 10 bits...
-_LOW_ROUNDS = ((11, 11), (0, 11))  # ...further (shift, bits) rounds narrow the crossing bucket...
-_SORT_BELOW = 1 << 16  # ...until this few candidates are left, which are then sorted
-_BLOCK = 1024  # items per block when walking the sorted candidates
 
+def keep_4bit_cpu_path_safe(model: nn.Module) -> None:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path on every 4-bit layer of ``model``.
 
-def _ascending_key(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose ascending order is the descending order of the float32 ``scores`` (ties stay ties).
-
-    Overwrites ``scores``, whose storage the keys reuse: the planner's arrays are large enough for allocation to
-    show in its timing.
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks the weight in place on the first no-grad eval forward, after
+    which training forwards lose their input gradient, and the packed path fails when in_features % 64 != 0.
     """
-    scores.add_(0.0)  # turns -0.0 into +0.0, so that the two tie
-    bits = scores.view(torch.int32)
-    bits ^= (bits >> 31) & 0x7FFFFFFF  # IEEE sign-magnitude -> two's complement order
-    return bits.bitwise_not_()  # reverses the order without overflow
-
-
-@functools.lru_cache(maxsize=8)
-def _shape_tables(ranks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shape-only tables for :func:`plan_pruning`, cached because a model's shapes do not change between prunes.
-
-    Items are the singular values of all layers, concatenated layer by layer. Ties in score are broken by relative
-    position ``i / k`` in the layer, then by layer: a block of equal scores (an untrained map, or masks that died
-    on the same step) is then cut evenly across layers, each keeping its largest singular values. Returns each
-    item's layer id (int32), the tie-break order (item indices) and each item's place in it.
-    """
-    layer_ids = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32), torch.tensor(ranks))
-    relative = torch.cat([torch.div(torch.arange(k) << 30, k, rounding_mode="floor") for k in ranks])  # i/k · 2^30
-    tie_order = torch.sort(relative.to(torch.int32), stable=True).indices
-    tie_place = torch.empty_like(tie_order)
-    tie_place[tie_order] = torch.arange(tie_order.numel())
-    return layer_ids, tie_order, tie_place
-
-
-def _where(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``items[mask]``; nonzero + index_select is several times faster than boolean indexing on large tensors."""
-    return items.index_select(0, torch.nonzero(mask).squeeze(1))
-
-
-class _Costs:
-    """Capped cost of per-layer kept counts, and where along a ranking it first reaches the budget."""
-
-    def __init__(self, shapes: list[tuple[int, int]], budget: int):
-        self.width = torch.tensor([i + o for i, o in shapes], dtype=torch.int64)  # cost of one rank, per layer
-        self.dense = torch.tensor([i * o for i, o in shapes], dtype=torch.int64)  # cost when stored dense
-        self.budget = min(max(int(budget), 0), int(self.dense.sum()))
-
-    def of(self, counts: torch.Tensor) -> torch.Tensor:
-        """Cost of each row of per-layer kept counts (..., L)."""
-        return torch.minimum(counts * self.width, self.dense).sum(-1)
-
-    def crossing_bucket(self, digit, layers, n_buckets: int, before: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """First bucket (by ``digit``) at whose end the cost reaches the budget, and the per-layer counts before it."""
-        n_layers = before.numel()
-        index = digit * n_layers
-        index += layers
-        counts = torch.bincount(index, minlength=n_buckets * n_layers).view(n_buckets, n_layers).cumsum(0) + before
-        bucket = int(torch.searchsorted(self.of(counts), self.budget))
-        return bucket, (counts[bucket - 1] if bucket > 0 else before)
-
-    def crossing_item(self, layers: torch.Tensor, before: torch.Tensor) -> int:
-        """How many items of the ordered run ``layers`` to keep so that the cost first reaches the budget."""
-        position = torch.arange(layers.numel(), dtype=torch.int32) // _BLOCK
-        block, before = self.crossing_bucket(position, layers, max(1, math.ceil(layers.numel() / _BLOCK)), before)
-        inside = F.one_hot(layers[block * _BLOCK : (block + 1) * _BLOCK].long(), before.numel()).cumsum(0) + before
-        return block * _BLOCK + int(torch.searchsorted(self.of(inside), self.budget)) + 1
-
-
-def plan_pruning(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int
-) -> tuple[list[torch.Tensor], int]:
-    """Choose which singular values to keep so that the compressed layers cost at least ``budget`` weights, by as
-    little as one rank allows.
-
-    Every singular value of every layer is ranked once, globally: by score (higher first), ties by relative
-    position within its layer (larger singular values first), then by layer order. The kept set is the shortest
-    prefix of that ranking whose cost reaches ``budget``; a layer of rank r costs ``rank_cost(r, in, out)``. A layer
-    whose kept ranks reach the dense cost keeps all its ranks, which costs nothing more. Kept sets are nested: a
-    larger budget keeps a superset.
-
-    The ranking is found without sorting everything: a radix select over the bits of the scores, with per-layer
-    counts so that every bucket-aligned prefix has its exact cost, narrows the candidates to those around the
-    point where the budget is crossed; only they are sorted and walked with cumulative costs.
-
-    Args:
-        scores: one float tensor of shape (k,) per layer.
-        shapes: ``(in_features, out_features)`` per layer, in the same order.
-        budget: weights the compressed layers may cost (biases excluded).
-
-    Returns:
-        One boolean keep mask per layer, and the cost of the plan in weights.
-    """
-    ranks = tuple(int(s.numel()) for s in scores)
-    for rank, (in_features, out_features) in zip(ranks, shapes):
-        if rank != min(in_features, out_features):
-            raise ValueError(f"a score vector of length {rank} does not fit a {out_features}x{in_features} layer")
-    flat = torch.cat([s.detach().to(device="cpu", dtype=torch.float32).flatten() for s in scores])
-    if not torch.isfinite(flat.sum()) and torch.isnan(flat).any():  # the sum is a cheap first test
-        raise ValueError("the score map contains NaN; scores must be numbers")
-    costs = _Costs(shapes, budget)
-    layer_ids, tie_order, tie_place = _shape_tables(ranks)
-    key = _ascending_key(flat)  # (n,) int32, smaller = more important
-
-    before = torch.zeros(len(ranks), dtype=torch.int64)  # per-layer counts of items ranked before the candidates
-    if costs.budget == 0:
-        keep = torch.zeros(key.numel(), dtype=torch.bool)
-    else:
-        digit = key >> (32 - _TOP_BITS)
-        digit += 1 << (_TOP_BITS - 1)  # the top digit carries the sign: shift it into [0, 2^bits) in key order
-        bucket, before = costs.crossing_bucket(digit, layer_ids, 1 << _TOP_BITS, before)
-        keep = digit < bucket
-        members = torch.nonzero(digit == bucket).squeeze(1)  # candidates, as item indices
-        unresolved = 32 - _TOP_BITS  # low key bits not yet used to split the candidates
-        for shift, bits in _LOW_ROUNDS:
-            member_keys = key.index_select(0, members)
-            if members.numel() <= _SORT_BELOW or member_keys.min() == member_keys.max():
-                break
-            digit = (member_keys >> shift) & ((1 << bits) - 1)
-            bucket, before = costs.crossing_bucket(digit, layer_ids.index_select(0, members), 1 << bits, before)
-            keep.index_fill_(0, _where(members, digit < bucket), True)
-            members = _where(members, digit == bucket)
-            unresolved = shift
-        # Order the candidates: tie-break order first (a long run of equal scores is picked out of the cached
-        # order rather than sorted), then stably by their unresolved key bits.
-        if members.numel() == tie_order.numel():
-            members = tie_order
-        elif members.numel() > tie_order.numel() // 16:
-            in_run = torch.zeros_like(keep)
-            in_run[members] = True
-            members = _where(tie_order, in_run.index_select(0, tie_order))
-        else:
-            members = members.index_select(0, torch.argsort(tie_place.index_select(0, members)))
-        low_bits = key.index_select(0, members) & ((1 << unresolved) - 1)
-        if unresolved and low_bits.min() != low_bits.max():
-            members = members.index_select(0, torch.sort(low_bits, stable=True).indices)
-        member_layers = layer_ids.index_select(0, members)
-        taken = costs.crossing_item(member_layers, before)
-        keep.index_fill_(0, members[:taken], True)
-        before = before + torch.bincount(member_layers[:taken], minlength=len(ranks))
-
-    now_dense = before * costs.width >= costs.dense
-    keep |= now_dense.index_select(0, layer_ids)  # a layer stored dense keeps all its ranks: they cost nothing more
-    return list(keep.split(list(ranks))), int(costs.of(before))
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

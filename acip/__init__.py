@@ -4,9 +4,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel
-from .hub.parametrization import LowRankLinear, SVDLinear, plan_pruning
+from .hub.parametrization import LowRankLinear, SVDLinear
+from .hub.pruning import plan_pruning
 from .training import ACIPRunConfig, preset, run_acip
-from .whitening import parametrize
+from .build import parametrize
 
 # With acip imported, AutoModel & co. resolve saved ACIP folders to these classes even without trust_remote_code.
 AutoConfig.register("acip", ACIPConfig, exist_ok=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .hub.modeling_acip import ACIPModel
+from .hub.pruning import rank_cost
 from .records import recorded_base_model
 from .report import PerplexityReport
 
@@ -52,8 +53,8 @@ def uniform_scores(model: ACIPModel) -> dict[str, torch.Tensor]:
     scores = {}
     for name, layer in model.acip_layers().items():
         ranks = torch.arange(1, layer.rank + 1, dtype=torch.float64)
-        fraction = ranks * (layer.in_features + layer.out_features) / (layer.in_features * layer.out_features)
-        scores[name] = (-fraction).float()
+        cost = rank_cost(ranks, layer.in_features, layer.out_features)
+        scores[name] = (-cost / (layer.in_features * layer.out_features)).float()
     return scores
 
 

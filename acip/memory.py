@@ -6,7 +6,7 @@ adapters the run trains, their gradients and AdamW state. Activations are not co
 sequence length and gradient checkpointing.
 
 :func:`measure_parametrization` (``python -m acip.memory``) measures, in a fresh process, the peak resident memory
-while :meth:`ACIPModel.from_base_model` factorizes a randomly initialised model layer by layer, against the size of
+while :func:`acip.parametrize` factorizes a randomly initialised model layer by layer, against the size of
 the finished parametrized model. The byte and resident-memory helpers here also serve ``acip eval --efficiency``.
 """
 
@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel, find_target_modules
+from .build import parametrize
 
 _GIB = 2**30
 
@@ -171,7 +172,7 @@ def _parametrize_here(base_config: dict) -> dict:
     with_base = rss_bytes()
     base_bytes = model_bytes(base)  # before: parametrizing happens in place
     reset_peak_rss()
-    model = ACIPModel.from_base_model(base)
+    model = parametrize(base)
     gc.collect()
     peak, after = peak_rss_bytes(), rss_bytes()
     return {

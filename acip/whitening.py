@@ -3,7 +3,7 @@ matter least for its output on real inputs, not for its weight alone.
 
 For a layer with inputs X (tokens × in), ‖(W − W_r) Xᵀ‖_F is what truncation costs the layer's output. With
 L Lᵀ = XᵀX (Cholesky), that is ‖W L − (W L)_r‖_F, so the SVD of W·L gives the best rank-r truncation of the output
-(SVD-LLM); ``SVDLinear.from_linear(..., whitening=L)`` builds the factors U and S·Vᵀ·L⁻¹, which reproduce W exactly.
+(SVD-LLM); :func:`whitened_layer` builds the factors U and S·Vᵀ·L⁻¹, which reproduce W exactly.
 ACIP then learns which of these directions to drop.
 
 Calibration is sequential, one decoder block at a time: the inputs of block 0 are captured once; each block's input
@@ -11,15 +11,13 @@ Gram matrices are accumulated in float64 by forward hooks (layers that read the 
 share one matrix), factored, used and freed, and the next block's inputs come from the block just parametrized. So
 the extra memory is one block's Gram matrices plus the calibration activations of one block.
 
-    model = parametrize(base_model, basis="whitened", calibration=token_ids)  # (N, T) LongTensor
+Used through the one build entry, ``acip.build.parametrize(base_model, "whitened", calibration=token_ids)``.
 """
 
 import torch
 from torch import nn
 
-from .hub.configuration_acip import BASES
-from .hub.modeling_acip import ACIPModel, find_target_modules
-
+from .hub.parametrization import SVDLinear
 
 def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6, tries: int = 12) -> torch.Tensor:
     """Lower-triangular L (float64) with L Lᵀ = XᵀX + εI: Cholesky with ε = ridge × mean(diag), raised tenfold on
@@ -101,8 +99,22 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
+@torch.no_grad()
+def whitened_layer(linear: nn.Linear, chol: torch.Tensor, mask_constant: float = 2e-2) -> SVDLinear:
+    """The SVD layer of ``linear`` in the whitened basis of the lower-triangular (in, in) L with L Lᵀ = XᵀX, the Gram
+    matrix of the layer's inputs: W L = U S Vᵀ and W = U · S (Vᵀ L⁻¹), in float64. Dropping the smallest singular
+    values of W L removes the least output energy on those inputs (‖(W − W_r) Xᵀ‖ = ‖(W L − (W L)_r)‖). The scores
+    start at the whitened singular values divided by their norm (the share of the layer's output each direction
+    carries, comparable across layers), so pruning a fresh model by score is already a data-aware truncation."""
+    chol = chol.to(device=linear.weight.device, dtype=torch.float64)  # (in, in)
+    u, s, vh = torch.linalg.svd(linear.weight.double() @ chol, full_matrices=False)  # (out, k), (k,), (k, in)
+    vh = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # Vᵀ L⁻¹, (k, in)
+    score = s / s.norm().clamp_min(torch.finfo(s.dtype).tiny)
+    return SVDLinear.from_svd(u, s, vh, linear.bias, mask_constant, score=score, dtype=linear.weight.dtype)
+
+
 class BlockwiseWhitening:
-    """The ``whitening`` callable of ``ACIPModel.from_base_model``: for each target layer (asked in module order),
+    """The whitening factors of :func:`parametrize`: for each target layer (asked in module order),
     its input Gram factor L, computed from calibration token ids block by block (``sequential``), or for every layer
     in one pass through the dense model (``sequential=False``: all Gram matrices at once; for small models and tests).
     """
@@ -192,30 +204,3 @@ class BlockwiseWhitening:
 def _hidden(output) -> torch.Tensor:
     """A decoder block's hidden states, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, tuple) else output
-
-
-def parametrize(
-    base_model: nn.Module,
-    basis: str = "weight",
-    calibration: torch.Tensor | None = None,
-    target_modules: str | list[str] = "all-linear",
-    exclude_modules: str | list[str] | None = None,
-    mask_constant: float = 2e-2,
-    batch_size: int = 8,
-    sequential: bool = True,
-) -> ACIPModel:
-    """The ACIP model of a base causal LM in the chosen singular basis: ``"weight"`` (SVD of each weight) or
-    ``"whitened"`` (SVD of W·L from the (N, T) token ids ``calibration``; scores start at the whitened singular
-    values, so ``prune_model_by_score`` is a data-aware truncation right away). The base model is changed in place."""
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
-    if basis == "weight":
-        return ACIPModel.from_base_model(base_model, target_modules, exclude_modules, mask_constant=mask_constant)
-    if calibration is None:
-        raise ValueError("basis='whitened' needs calibration token ids: a (N, T) LongTensor")
-    was_training = base_model.training
-    base_model.eval()  # no dropout while measuring inputs
-    names = find_target_modules(base_model, target_modules, exclude_modules)
-    whitening = BlockwiseWhitening(base_model, names, calibration, batch_size=batch_size, sequential=sequential)
-    model = ACIPModel.from_base_model(base_model, names, mask_constant=mask_constant, whitening=whitening)
-    return model.train(was_training)

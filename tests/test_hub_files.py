@@ -1,16 +1,21 @@
-"""The three Hub files: self-contained, one copy, and loadable through remote code without the acip package."""
+"""The four Hub files: self-contained, one copy, all saved with a model. (Loading a saved folder through remote code
+in a fresh process without the acip package: tests/test_export.py, with acip/hub_check.py.)"""
 
 import ast
 import pathlib
 import subprocess
 import sys
 
+from conftest import tiny_acip_model
+
 import acip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py")
-ALLOWED = {"torch", "transformers", "peft", "safetensors", "bitsandbytes"}
-STDLIB = set(sys.stdlib_module_names)
+HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
+ALLOWED = {"torch", "transformers", "safetensors", "bitsandbytes"}
+# Standard-library modules that reach into the OS or the process: a Hub user trusts model code not to.
+IMPURE = {"ctypes", "subprocess", "multiprocessing", "socket", "signal", "resource", "shutil"}
+STDLIB = set(sys.stdlib_module_names) - IMPURE
 
 
 def _imports(path: pathlib.Path):
@@ -40,6 +45,14 @@ def test_hub_files_import_only_what_a_hub_user_has():
                 assert guarded, f"{name}: bitsandbytes is optional and must be imported under try/except ImportError"
             else:
                 assert top in ALLOWED or top in STDLIB, (name, module)
+
+
+def test_save_pretrained_writes_every_hub_file(tmp_path):
+    # transformers copies the model's file and, recursively, the files it imports relatively (pruning.py through
+    # parametrization.py): a folder missing one would not load for a Hub user.
+    tiny_acip_model("llama").save_pretrained(tmp_path)
+    for name in HUB_FILES:
+        assert (tmp_path / name).read_text() == (ROOT / name).read_text(), name
 
 
 def test_one_copy_of_the_hub_files():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -24,6 +25,26 @@ def kept_sets(model):
 
 def masks(model):
     return {name: layer.mask.detach().clone() for name, layer in model.acip_layers().items()}
+
+
+def state(model):
+    """A copy of every tensor of the model's state dict, and the module objects by name."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, dict(model.named_modules())
+
+
+def assert_unchanged(model, before):
+    """The same modules (the very objects) holding the same tensors (bit for bit, NaN included)."""
+    tensors, modules = before
+    assert dict(model.named_modules()) == modules
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def folder_files(folder):
+    """Every file of a folder with its bytes."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,7 +85,7 @@ def test_pruning_is_nested(kind):
 def test_pruning_hits_the_target_from_above(kind, full):
     model = tiny_acip_model(kind)
     widths = [layer.in_features + layer.out_features for layer in model.acip_layers().values()]
-    total = model._original_num_params() + (model._other_num_params() if full else 0)
+    total = model.get_num_params(full=full)  # unpruned: the original size
     for ratio in (0.35, 0.5, 0.65, 0.8, 0.95):
         achieved = model.prune_model_by_score(ratio, full=full).get_size_ratio(full=full)
         assert achieved >= ratio
@@ -152,7 +173,8 @@ def test_full_model_round_trip_keeps_scores_and_prunes_alike(tmp_path):
 
 def test_save_writes_the_hub_files_and_auto_map(tmp_path):
     tiny_acip_model("llama").save_pretrained(tmp_path)
-    for name in ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "config.json", "model.safetensors"):
+    hub_files = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
+    for name in (*hub_files, "config.json", "model.safetensors"):
         assert (tmp_path / name).is_file(), name
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
@@ -246,9 +268,9 @@ def test_quantize_errors_leave_the_model_alone(monkeypatch):
     model.quantize()
     with pytest.raises(RuntimeError, match="already quantized"):
         model.quantize()
-    import acip.hub.modeling_acip as modeling
+    import acip.hub.parametrization as parametrization
 
-    monkeypatch.setattr(modeling, "bnb", None)
+    monkeypatch.setattr(parametrization, "bnb", None)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         tiny_acip_model("llama").quantize()
 
@@ -434,3 +456,143 @@ def test_memory_budget_units_and_errors():
     with pytest.raises(ValueError, match="dtype must be"):
         model.prune_model_by_score(memory_budget="1MB", dtype=torch.int8)
     assert all(torch.equal(layer.mask, b) for layer, b in zip(model.acip_layers().values(), before))
+
+
+# -- building: every layer is checked and converted before any is swapped in (issue 14) ------------------------------
+
+
+def test_from_base_model_rejects_an_acip_model():
+    model = tiny_acip_model("llama")
+    before = state(model)
+    with pytest.raises(TypeError, match="base_model is already an ACIP model"):
+        ACIPModel.from_base_model(model)
+    assert_unchanged(model, before)
+
+
+def test_from_base_model_rejects_already_parametrized_layers():
+    base = tiny_base_model("llama")
+    name = "model.layers.1.mlp.up_proj"
+    base.set_submodule(name, SVDLinear.from_linear(base.get_submodule(name)))
+    before = state(base)
+    with pytest.raises(ValueError, match=rf"base_model already holds ACIP layers \(SVDLinear at '{name}'\)"):
+        ACIPModel.from_base_model(base)
+    assert_unchanged(base, before)
+
+
+def test_from_base_model_rejects_a_nan_weight_and_leaves_the_base_as_it_was():
+    base = tiny_base_model("qwen2")
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[3, 5] = math.nan  # the last target: every other one converts
+    before = state(base)
+    with pytest.raises(ValueError, match=r"base_model's target module 'model.layers.1.mlp.down_proj' has NaN"):
+        ACIPModel.from_base_model(base)
+    assert_unchanged(base, before)
+
+
+def test_from_base_model_failing_midway_leaves_the_base_as_it_was(monkeypatch):
+    base = tiny_base_model("llama")
+    before = state(base)
+    convert, calls = SVDLinear.from_linear, []
+
+    def third_fails(linear, *args, **kwargs):
+        calls.append(linear)
+        if len(calls) == 3:
+            raise RuntimeError("the SVD of layer 3 failed")
+        return convert(linear, *args, **kwargs)
+
+    monkeypatch.setattr(SVDLinear, "from_linear", third_fails)
+    with pytest.raises(RuntimeError, match="layer 3"):
+        ACIPModel.from_base_model(base)
+    assert_unchanged(base, before)
+
+
+def test_from_parametrized_base_wraps_layers_built_from_svd_outputs():
+    base = tiny_base_model("qwen2")
+    ids = token_ids()
+    expected = logits(base, ids)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
+    for name in names:
+        dense = base.get_submodule(name)
+        u, s, vh = torch.linalg.svd(dense.weight.double(), full_matrices=False)
+        base.set_submodule(name, SVDLinear.from_svd(u, s, vh, dense.bias, 0.05, score=s, dtype=dense.weight.dtype))
+    model = ACIPModel.from_parametrized_base(base, basis="whitened")
+    assert model.config.target_modules == names and model.config.mask_constant == 0.05
+    assert model.config.basis == "whitened"
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-4, rtol=0)
+    with pytest.raises(TypeError, match="base_model is already an ACIP model"):
+        ACIPModel.from_parametrized_base(model)
+    with pytest.raises(ValueError, match="base_model must hold SVDLinear layers"):
+        ACIPModel.from_parametrized_base(tiny_base_model("llama"))
+
+
+# -- bad input to the user verbs: the right error, naming the argument, and the model unchanged (issue 14) ----------
+
+
+@pytest.mark.parametrize("full", ["no", 1, None])
+def test_full_must_be_a_bool(full):
+    model = tiny_acip_model("llama").prune_model_by_score(0.7)
+    before = state(model)
+    with pytest.raises(TypeError, match=r"full must be True or False"):
+        model.prune_model_by_score(0.5, full=full)
+    with pytest.raises(TypeError, match=r"full must be True or False"):
+        model.get_size_ratio(full=full)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "scores,match",
+    [
+        (None, r"score_map must be a dict"),
+        ([1.0, 2.0], r"score_map must be a dict"),
+        ("complex", r"score_map\['model.layers.0.self_attn.q_proj'\] must hold real numbers"),
+        ("text", r"score_map\['model.layers.0.self_attn.q_proj'\] must be a tensor of real numbers"),
+    ],
+)
+def test_score_map_rejects_what_is_not_a_map_of_real_scores(scores, match):
+    model = tiny_acip_model("llama")
+    before = state(model)
+    name = "model.layers.0.self_attn.q_proj"
+    shape = model.score_map[name].shape
+    if scores == "complex":
+        scores = {name: torch.complex(torch.randn(shape), torch.randn(shape))}
+    elif scores == "text":
+        scores = {name: "high"}
+    with pytest.raises(TypeError, match=match):
+        model.score_map = scores
+    assert_unchanged(model, before)
+
+
+def test_infinite_scores_are_legal_and_rank_first_or_last():
+    model = tiny_acip_model("llama")
+    name = "model.layers.0.self_attn.q_proj"
+    scores = torch.full_like(model.score_map[name], -math.inf)
+    scores[:2] = math.inf
+    model.score_map = {name: scores}
+    model.prune_model_by_score(0.3)
+    assert model.acip_layers()[name].kept.tolist() == [True, True] + [False] * (scores.numel() - 2)
+
+
+def test_edited_mask_constant_in_config_json_is_an_error(tmp_path):
+    model = tiny_acip_model("llama").prune_model_by_score(0.6)  # pruned entries (0) are fine, live ones hold c
+    model.save_pretrained(tmp_path)
+
+    def double(config):
+        config["mask_constant"] *= 2
+
+    _edit_config(tmp_path, double)
+    files = folder_files(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json gives mask_constant=0.04, but the live masks .* hold 0.0199"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert folder_files(tmp_path) == files
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path):
+    tiny_acip_model("llama").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    for size in (path.stat().st_size - 100, 50, 4):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+        files = folder_files(tmp_path)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a complete safetensors file"):
+            AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert folder_files(tmp_path) == files

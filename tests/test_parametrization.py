@@ -1,13 +1,10 @@
-"""The SVD layer and the global pruning planner (parametrization.py)."""
-
-import math
+"""The SVD layer: built from a dense layer or from SVD outputs, its mask, pruning, compression (parametrization.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-import acip.hub.parametrization as parametrization
-from acip.hub.parametrization import LowRankLinear, SVDLinear, plan_pruning, rank_cost
+from acip.hub.parametrization import LowRankLinear, SVDLinear
 
 
 def _dense(in_features=24, out_features=40, bias=True, seed=0):
@@ -27,6 +24,43 @@ def test_svd_layer_reproduces_the_dense_layer(shape, bias):
     torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
     assert layer.rank == min(shape)
     assert layer.mask.dtype == layer.score.dtype == torch.float32
+
+
+def test_from_svd_builds_the_factors_in_place_from_the_given_tensors():
+    dense = _dense(24, 40)
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)  # float32, as the layer
+    pointers = (u.data_ptr(), vh.data_ptr())
+    layer = SVDLinear.from_svd(u, s, vh, dense.bias, mask_constant=0.1)
+    assert (layer.u.weight.data_ptr(), layer.sv.weight.data_ptr()) == pointers  # no copies
+    assert layer.bias.data_ptr() == dense.bias.data_ptr()  # the bias is shared
+    assert torch.equal(layer.score, torch.full((24,), 0.1)) and layer.mask_constant == 0.1
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_svd_casts_and_takes_scores():
+    dense = _dense(24, 40)
+    u, s, vh = torch.linalg.svd(dense.weight.double(), full_matrices=False)
+    layer = SVDLinear.from_svd(u, s, vh, None, score=s, dtype=torch.bfloat16)
+    assert layer.sv.weight.dtype == layer.u.weight.dtype == torch.bfloat16 and layer.bias is None
+    assert layer.score.dtype == layer.mask.dtype == torch.float32
+    torch.testing.assert_close(layer.score, s.float())
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda u, s, vh: (u, s[:-1], vh), "not a thin SVD"),
+        (lambda u, s, vh: (u, s, vh[:, :-1]), "not a thin SVD"),
+        (lambda u, s, vh: (u[:, :-2], s[:-2], vh[:-2]), "not a thin SVD"),
+    ],
+)
+def test_from_svd_rejects_shapes_that_are_not_a_thin_svd(change, match):
+    u, s, vh = torch.linalg.svd(_dense().weight.detach(), full_matrices=False)
+    with pytest.raises(ValueError, match=match):
+        SVDLinear.from_svd(*change(u, s, vh))
+    with pytest.raises(ValueError, match="mask_constant must be > 0"):
+        SVDLinear.from_svd(u, s, vh, mask_constant=0.0)
 
 
 def test_forward_never_builds_the_dense_weight(monkeypatch):
@@ -123,97 +157,3 @@ def test_masks_and_scores_stay_float32_when_cast():
     torch.testing.assert_close(layer.score, before, rtol=0, atol=0)
     layer.half()
     assert layer.mask.dtype == torch.float32
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The planner, against a direct reference: sort everything, walk the prefix.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def reference_plan(scores, shapes, budget):
-    """Full lexicographic sort by (score desc, relative position asc, layer asc), then the first prefix at budget."""
-    items = []
-    for layer, s in enumerate(scores):
-        k = s.numel()
-        for i in range(k):
-            items.append((-float(s[i]), (i << 30) // k, layer, i))
-    items.sort()
-    budget = min(max(budget, 0), sum(i * o for i, o in shapes))
-    counts = [0] * len(scores)
-    cost = lambda: sum(rank_cost(c, i, o) for c, (i, o) in zip(counts, shapes))  # noqa: E731
-    chosen = []
-    for item in items:
-        if cost() >= budget:
-            break
-        counts[item[2]] += 1
-        chosen.append(item)
-    keep = [torch.zeros(s.numel(), dtype=torch.bool) for s in scores]
-    for _, _, layer, i in chosen:
-        keep[layer][i] = True
-    for layer, (c, (i, o)) in enumerate(zip(counts, shapes)):
-        if c * (i + o) >= i * o:
-            keep[layer][:] = True
-    return keep, cost()
-
-
-SHAPES = [(12, 20), (20, 12), (16, 16), (12, 6), (30, 12)]
-
-
-def _score_maps():
-    g = torch.Generator().manual_seed(0)
-    k = [min(s) for s in SHAPES]
-    yield "random", [torch.randn(n, generator=g) for n in k]
-    yield "untrained", [torch.full((n,), 0.02) for n in k]
-    yield "death steps", [torch.randint(-6, 1, (n,), generator=g).float() for n in k]
-    yield "signed zeros and inf", [torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1.0, -1.0] * 6)[:n] for n in k]
-
-
-@pytest.mark.parametrize("sort_below", [1 << 16, 0], ids=["sort", "radix rounds"])
-@pytest.mark.parametrize("name,scores", list(_score_maps()), ids=[n for n, _ in _score_maps()])
-def test_plan_matches_reference(name, scores, sort_below, monkeypatch):
-    monkeypatch.setattr(parametrization, "_SORT_BELOW", sort_below)
-    monkeypatch.setattr(parametrization, "_BLOCK", 7)  # several blocks even on a small map
-    total = sum(i * o for i, o in SHAPES)
-    for budget in [0, 1, 100, total // 3, total // 2, total - 1, total, total + 5]:
-        keep, cost = plan_pruning(scores, SHAPES, budget)
-        expected_keep, expected_cost = reference_plan(scores, SHAPES, budget)
-        assert cost == expected_cost
-        for got, want in zip(keep, expected_keep):
-            assert torch.equal(got, want), (name, budget)
-
-
-def test_plan_is_nested_and_tight():
-    g = torch.Generator().manual_seed(3)
-    scores = [torch.randn(min(s), generator=g) for s in SHAPES]
-    total = sum(i * o for i, o in SHAPES)
-    previous = None
-    for budget in range(0, total + 1, 37):
-        keep, cost = plan_pruning(scores, SHAPES, budget)
-        assert cost >= budget
-        if previous is not None:
-            assert all(bool((p & ~k).any()) is False for p, k in zip(previous, keep))
-        previous = keep
-
-
-def test_plan_on_untrained_scores_cuts_every_layer_evenly():
-    shapes = [(64, 64), (64, 16), (64, 176)]
-    scores = [torch.full((min(s),), 0.02) for s in shapes]
-    keep, _ = plan_pruning(scores, shapes, sum(i * o for i, o in shapes) // 4)
-    fractions = [float(k.float().mean()) for k in keep]
-    assert max(fractions) - min(fractions) < 0.1
-    for k in keep:  # the largest singular values (lowest indices) are the ones kept
-        assert torch.equal(k, torch.arange(k.numel()) < int(k.sum()))
-
-
-def test_plan_rejects_bad_maps():
-    with pytest.raises(ValueError, match="NaN"):
-        plan_pruning([torch.tensor([1.0, math.nan])], [(2, 3)], 3)
-    with pytest.raises(ValueError, match="does not fit"):
-        plan_pruning([torch.ones(3)], [(2, 3)], 3)
-
-
-def test_plan_leaves_the_scores_untouched():
-    scores = [torch.tensor([-0.0, 1.0, -2.0])]
-    before = scores[0].clone()
-    plan_pruning(scores, [(3, 3)], 4)
-    assert torch.equal(scores[0], before) and torch.signbit(scores[0][0])

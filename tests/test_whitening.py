@@ -1,4 +1,4 @@
-"""The whitened singular basis (acip/whitening.py, SVDLinear.from_linear(whitening=...)): exact at full rank, equal to
+"""The whitened singular basis (acip/whitening.py, whitened_layer): exact at full rank, equal to
 the plain basis for white inputs, robust to dead input dimensions, and the same block by block as all at once."""
 
 import pytest
@@ -8,7 +8,8 @@ from torch import nn
 
 from acip import ACIPModel
 from acip.hub.parametrization import SVDLinear
-from acip.whitening import GramCollector, parametrize, whitening_factor
+from acip.build import parametrize
+from acip.whitening import GramCollector, whitened_layer, whitening_factor
 
 
 def calibration(n: int = 8, length: int = 24) -> torch.Tensor:
@@ -23,7 +24,7 @@ def test_white_inputs_give_the_plain_factors():
     torch.manual_seed(0)
     linear = nn.Linear(24, 16)
     plain = SVDLinear.from_linear(linear)
-    whitened = SVDLinear.from_linear(linear, whitening=whitening_factor(4.0 * torch.eye(24)))  # XᵀX = 4 I
+    whitened = whitened_layer(linear, whitening_factor(4.0 * torch.eye(24)))  # XᵀX = 4 I
     # The same directions up to sign (singular values are distinct for a random matrix) ...
     signs = torch.sign((plain.u.weight * whitened.u.weight).sum(0))  # (k,)
     # (plain: float32 SVD; whitened: float64)
@@ -43,7 +44,7 @@ def test_dead_input_dimensions_fall_back_to_a_ridge_and_reproduce_the_weight():
     x[:, 20] = x[:, 21]  # and two collinear ones
     gram = x.double().T @ x.double()
     assert int(torch.linalg.cholesky_ex(gram)[1]) != 0
-    layer = SVDLinear.from_linear(linear, whitening=whitening_factor(gram))
+    layer = whitened_layer(linear, whitening_factor(gram))
     torch.testing.assert_close(dense_weight(layer), linear.weight, atol=2e-5, rtol=1e-4)
     assert bool(torch.isfinite(layer.sv.weight).all())
     # What matters on these inputs sits in the leading directions: the live input subspace has rank 28.
@@ -91,16 +92,6 @@ def test_block_by_block_calibration_equals_all_at_once():
         signs = torch.sign((layer.u.weight * other.u.weight).sum(0))
         torch.testing.assert_close(other.u.weight * signs, layer.u.weight, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(other.sv.weight * signs[:, None], layer.sv.weight, atol=1e-3, rtol=1e-3)
-
-
-def test_parametrize_errors():
-    with pytest.raises(ValueError, match="basis must be one of"):
-        parametrize(tiny_base_model("llama"), "pca")
-    with pytest.raises(ValueError, match="calibration token ids"):
-        parametrize(tiny_base_model("llama"), "whitened")
-    with pytest.raises(ValueError, match=r"\(N, T\)"):
-        parametrize(tiny_base_model("llama"), "whitened", torch.zeros(5, dtype=torch.long))
-    assert isinstance(parametrize(tiny_base_model("llama")), ACIPModel)
 
 
 def test_acip_run_from_the_whitened_basis(tmp_path):

@@ -1,0 +1,318 @@
+"""What a pruned model costs, and which singular values to keep: pure functions of (scores, layer shapes, storage).
+
+One rule prices a layer: a layer of rank r with an (out, in) weight costs ``r·(in + out)`` weights as two factors, or
+``in·out`` stored dense when that is not larger. Bytes follow from it for a storage dtype (a torch dtype, or 4-bit
+``"nf4"``/``"fp4"``: two values per byte plus one float32 absmax per block of 64 weights).
+
+The planner ranks every singular value of every layer once, globally (:class:`Ranking`), and answers each prune of
+that score map by a search over prefix costs of the ranking: by a weight budget (``compression_ratio``) or by a byte
+budget (``memory_budget``). No weights are needed, so it runs on a 7B-scale score map in milliseconds.
+
+This file is part of the Hub payload: it imports only torch.
+"""
+
+import functools
+import math
+import numbers
+import re
+import weakref
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cost rule, in weights and in bytes. Each function takes ints, or integer tensors (elementwise, broadcasting).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def is_dense_rank(rank, in_features, out_features):
+    """Whether a layer of ``rank`` is stored dense after compression, because two factors would not be smaller."""
+    return rank * (in_features + out_features) >= in_features * out_features
+
+
+def rank_cost(rank, in_features, out_features):
+    """Weights a layer of ``rank`` costs once compressed (bias excluded): factors, or dense when that is no larger."""
+    factors, dense = rank * (in_features + out_features), in_features * out_features
+    return factors.clamp(max=dense) if isinstance(factors, torch.Tensor) else min(factors, dense)
+
+
+def tensor_bytes(numel, storage):
+    """Bytes of a weight of ``numel`` values stored as ``storage`` (a torch dtype, or a 4-bit quant type)."""
+    if isinstance(storage, str):  # two values per byte, plus the float32 absmax of every block
+        return (numel + 1) // 2 + 4 * ((numel + QUANT_BLOCK - 1) // QUANT_BLOCK)
+    return numel * storage.itemsize
+
+
+def layer_bytes(rank, in_features, out_features, storage):
+    """Bytes of a layer's weights compressed to ``rank`` (bias excluded), by the same rule as :func:`rank_cost`."""
+    dense = tensor_bytes(in_features * out_features, storage)
+    factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rank * out_features, storage)
+    is_dense = is_dense_rank(rank, in_features, out_features)
+    if isinstance(is_dense, torch.Tensor):
+        return torch.where(is_dense, dense, factors)
+    return dense if is_dense else factors
+
+
+def stored_bytes(tensor: torch.Tensor, storage, quantized: bool = False) -> int:
+    """Bytes ``tensor`` takes once the model is stored as ``storage``: 4 bits when ``quantized`` (quantize() turns it
+    into a 4-bit layer), the storage dtype when that is a torch dtype and the tensor is float, else as it is now."""
+    if quantized:
+        return tensor_bytes(tensor.numel(), storage)
+    if tensor.is_floating_point() and isinstance(storage, torch.dtype):
+        return tensor.numel() * storage.itemsize  # model.to(dtype) converts every float tensor
+    return tensor.numel() * tensor.element_size()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# User input: budgets and storage.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_bytes(value) -> int:
+    """A memory size in bytes: an int, or a string such as ``"300MB"`` or ``"1.5 GiB"`` (MB = 10⁶ B, MiB = 2²⁰ B)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
+        if isinstance(value, bool) or match is None or match.group(2) not in BYTE_UNITS:
+            raise ValueError(
+                f"memory_budget must be a number of bytes or a string like '300MB' or '1.5GiB' (units: "
+                f"{', '.join(u for u in BYTE_UNITS if u)}), got {value!r}"
+            )
+        number = int(float(match.group(1)) * BYTE_UNITS[match.group(2)])
+    if number <= 0:
+        raise ValueError(f"memory_budget must be positive, got {value!r}")
+    return number
+
+
+def check_ratio(compression_ratio, size_ratio) -> float:
+    """The one target ratio given by either name; a clear error for anything that is not a number in [0, 1]."""
+    given = {k: v for k, v in (("compression_ratio", compression_ratio), ("size_ratio", size_ratio)) if v is not None}
+    if not given:
+        raise TypeError("prune_model_by_score() needs compression_ratio (the fraction of parameters kept, in [0, 1])")
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number in [0, 1] (the fraction of parameters kept), got {value!r}")
+        if not (0.0 <= float(value) <= 1.0):  # NaN fails this too
+            raise ValueError(f"{name} must be in [0, 1] (the fraction of parameters kept), got {value!r}")
+    values = {float(v) for v in given.values()}
+    if len(values) > 1:
+        raise ValueError(
+            f"compression_ratio={compression_ratio!r} and size_ratio={size_ratio!r} disagree; they mean the same "
+            "thing (the fraction of parameters kept): pass one"
+        )
+    return values.pop()
+
+
+def ratio_budget(ratio: float, total: int, fixed: int, full: bool) -> int:
+    """Weights the target layers may cost so that (their cost + ``fixed``) / ``total`` reaches ``ratio``: ``fixed``
+    counts what pruning does not shrink (biases, and with ``full`` the rest of the model)."""
+    if ratio * total < fixed - 1e-6:
+        raise ValueError(
+            f"compression_ratio={ratio} is below what full={full} allows: with the uncompressed parts counted "
+            f"the ratio must be in [{fixed / total:.4f}, 1]"
+        )
+    return math.ceil(ratio * total - fixed - 1e-6)
+
+
+def bytes_budget(memory_budget, fixed: int, storage) -> int:
+    """Bytes the target layers' weights may take within ``memory_budget`` when the rest takes ``fixed`` bytes."""
+    budget = parse_bytes(memory_budget)
+    if fixed > budget:
+        raise ValueError(
+            f"memory_budget={memory_budget!r} ({budget:,} bytes) is below the smallest this model can be in "
+            f"{storage}: it must be at least {fixed:,} bytes (every rank pruned; the uncompressed parts remain)"
+        )
+    return budget - fixed
+
+
+def check_scores(name: str, scores, shape: torch.Size) -> torch.Tensor:
+    """``score_map[name]`` as float32 scores of ``shape``: real numbers (±inf allowed: they rank first or last)."""
+    try:
+        scores = torch.as_tensor(scores).detach()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"score_map[{name!r}] must be a tensor of real numbers, got {type(scores).__name__}") from error
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise TypeError(f"score_map[{name!r}] must hold real numbers, got dtype {scores.dtype}")
+    if scores.shape != shape:
+        raise ValueError(f"score_map[{name!r}] must have shape {tuple(shape)}, got {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError(f"score_map[{name!r}] contains NaN; scores must be numbers")
+    return scores.float()
+
+
+def check_storage(dtype):
+    """``dtype`` if it names a storage bytes can be counted for: a floating torch dtype, or "nf4"/"fp4"."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point or isinstance(dtype, str) and dtype in QUANT_TYPES:
+        return dtype
+    raise ValueError(f"dtype must be a floating torch dtype or one of {QUANT_TYPES}, got {dtype!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The global ranking, sorted once per score map.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_tables(ranks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's layer id, and the tie-break order of all items: by relative position ``i / k`` in its layer, then
+    by layer. Shape-only, so cached: a model's shapes do not change between score maps. int32: gathers by int32
+    indices are several times faster than by int64 ones on large tensors."""
+    layer_ids = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32), torch.tensor(ranks))  # (n,)
+    relative = torch.cat([torch.div(torch.arange(k) << 30, k, rounding_mode="floor") for k in ranks])  # i/k · 2^30
+    tie_order = torch.sort(relative.to(torch.int32), stable=True).indices  # stable: layer order breaks ties
+    return layer_ids, tie_order.to(torch.int32)
+
+
+def _descending_key(flat: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose ascending order is the descending order of the float32 ``flat`` (equal scores stay equal).
+
+    Integer keys because torch sorts them by radix, several times faster than floats. Overwrites ``flat``."""
+    flat.add_(0.0)  # -0.0 becomes +0.0, so that the two tie
+    bits = flat.view(torch.int32)
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # IEEE sign-magnitude -> two's complement order
+    return bits.bitwise_not_()  # reverses the order without overflow
+
+
+class Ranking:
+    """One score map's global order of all singular values, sorted once; it then answers any number of prunes.
+
+    Order: score descending; ties by relative position ``i / k`` within the layer (larger singular values first), then
+    by layer order; -0.0 ties +0.0, ±inf are scores like any other, NaN is rejected. A block of equal scores (an
+    untrained map, or masks that died on the same step) is thereby cut evenly across layers.
+
+    A prefix of the order keeps, in each layer, its items in the prefix; a layer whose kept ranks reach the dense
+    cost keeps all its ranks (they cost nothing more). Walking the order, each item adds what its layer's next rank
+    costs, so the cost of every prefix is one cumulative sum, and a budget is met by one binary search over it.
+    Holds about 20 bytes per score, plus 8 per score for each storage a memory budget was asked in.
+    """
+
+    def __init__(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]):
+        self.ranks = tuple(int(s.numel()) for s in scores)
+        self.shapes = [(int(i), int(o)) for i, o in shapes]
+        if len(self.shapes) != len(self.ranks):
+            raise ValueError(f"{len(self.ranks)} score vectors for {len(self.shapes)} layer shapes")
+        for rank, (in_features, out_features) in zip(self.ranks, self.shapes):
+            if rank != min(in_features, out_features):
+                raise ValueError(f"a score vector of length {rank} does not fit a {out_features}x{in_features} layer")
+        self._sources = [(weakref.ref(s), s._version, s.data_ptr()) for s in scores]
+        flat = torch.cat([s.detach().to(device="cpu", dtype=torch.float32).flatten() for s in scores])  # (n,), a copy
+        if not torch.isfinite(flat.sum()) and torch.isnan(flat).any():  # the sum is a cheap first test
+            raise ValueError("the score map contains NaN; scores must be numbers")
+        n = flat.numel()
+        layer_ids, tie_order = _shape_tables(self.ranks)
+        key = _descending_key(flat).index_select(0, tie_order)  # (n,) in tie-break order
+        order = tie_order.index_select(0, torch.argsort(key, stable=True).to(torch.int32))  # (n,) items, best first
+        place = torch.empty(n, dtype=torch.int32)  # (n,) each item's position in the order
+        place.scatter_(0, order.long(), torch.arange(n, dtype=torch.int32))
+        self._places = place.split(list(self.ranks))  # (k,) per layer
+        self._layer_of = layer_ids.index_select(0, order)  # (n,) the layer of each position
+        by_layer = torch.argsort(self._layer_of, stable=True)  # (n,) positions, grouped by layer, ascending in each
+        starts = torch.tensor([0, *self.ranks[:-1]], dtype=torch.int64).cumsum(0)  # (L,) where each group begins
+        self._taken = torch.empty(n, dtype=torch.int32)  # (n,) ranks of its layer kept before each position
+        self._taken.scatter_(0, by_layer, (torch.arange(n) - starts.index_select(0, layer_ids)).to(torch.int32))
+        self.in_features = torch.tensor([i for i, _ in self.shapes], dtype=torch.int64)  # (L,)
+        self.out_features = torch.tensor([o for _, o in self.shapes], dtype=torch.int64)  # (L,)
+        first_dense = (self.in_features * self.out_features + self.in_features + self.out_features - 1) // (
+            self.in_features + self.out_features)  # (L,) the smallest rank stored dense: ceil(in·out / (in + out))
+        self._dense_from = by_layer.index_select(0, starts + first_dense - 1) + 1  # (L,) prefixes that make it dense
+        self.cost = self._prefix_totals(rank_cost)  # (n + 1,) weights of every prefix
+        self._bytes = {}
+
+    def _prefix_totals(self, price) -> torch.Tensor:
+        """(n + 1,) ``price`` (a function of rank, in_features, out_features) summed over the layers, at every prefix
+        length: what each position adds to its layer, accumulated."""
+        in_features = self.in_features.index_select(0, self._layer_of)  # (n,)
+        out_features = self.out_features.index_select(0, self._layer_of)  # (n,)
+        taken = self._taken.long()
+        added = price(taken + 1, in_features, out_features) - price(taken, in_features, out_features)  # (n,)
+        return torch.cat([added.new_zeros(1), added.cumsum(0)])
+
+    def bytes(self, storage) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n + 1,) bytes of the compressed layers' weights in ``storage`` at every prefix length, and their running
+        maximum (computed once per storage).
+
+        A few bytes can go back where a layer turns dense in 4 bits (two partly filled blocks of absmax become one);
+        searching the running maximum finds the longest prefix all of whose prefixes fit, nested by construction."""
+        if storage not in self._bytes:
+            sizes = self._prefix_totals(lambda r, i, o: layer_bytes(r, i, o, storage))
+            self._bytes[storage] = sizes, sizes.cummax(0).values
+        return self._bytes[storage]
+
+    def is_for(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> bool:
+        """Whether this ranking still describes ``scores``: the same tensors, unchanged since (their in-place version
+        counter and storage). Writes that bypass the counter (``.data``, numpy views) are not seen."""
+        if len(scores) != len(self._sources) or [(int(i), int(o)) for i, o in shapes] != self.shapes:
+            return False
+        return all(
+            ref() is s and s._version == version and s.data_ptr() == pointer
+            for (ref, version, pointer), s in zip(self._sources, scores)
+        )
+
+    def alive(self) -> bool:
+        """Whether every score tensor it was built from still exists."""
+        return all(ref() is not None for ref, _, _ in self._sources)
+
+    def keep(self, prefix: int) -> list[torch.Tensor]:
+        """One boolean keep mask (k,) per layer for the first ``prefix`` items: one comparison per score."""
+        dense = (self._dense_from <= prefix).tolist()  # a layer stored dense keeps all its ranks: they cost no more
+        # Layer by layer: each comparison is small enough to run on one thread, while one (n,) comparison would be
+        # split across threads and, on a busy machine, wait for the slowest (about a scheduler tick, ~8 ms here).
+        return [torch.ones_like(p, dtype=torch.bool) if d else p < prefix for p, d in zip(self._places, dense)]
+
+
+_RANKINGS: list[Ranking] = []  # the last few score maps seen, most recent last
+_KEPT_RANKINGS = 4
+
+
+def ranking(scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> Ranking:
+    """The :class:`Ranking` of a score map: sorted when the map is new or changed, else the cached one."""
+    for cached in _RANKINGS:
+        if cached.is_for(scores, shapes):
+            return cached
+    fresh = Ranking(scores, shapes)
+    _RANKINGS[:] = [r for r in _RANKINGS if r.alive()][-(_KEPT_RANKINGS - 1) :] + [fresh]
+    return fresh
+
+
+def plan_pruning(
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int
+) -> tuple[list[torch.Tensor], int]:
+    """Choose which singular values to keep so that the compressed layers cost at least ``budget`` weights, by as
+    little as one rank allows: the shortest prefix of the global ranking (see :class:`Ranking`) whose cost reaches
+    ``budget``. Kept sets are nested: a larger budget keeps a superset.
+
+    Args:
+        scores: one float tensor of shape (k,) per layer.
+        shapes: ``(in_features, out_features)`` per layer, in the same order.
+        budget: weights the compressed layers may cost (biases excluded); clipped to [0, every layer dense].
+
+    Returns:
+        One boolean keep mask per layer, and the cost of the plan in weights.
+    """
+    order = ranking(scores, shapes)
+    budget = min(max(int(budget), 0), int(order.cost[-1]))
+    prefix = int(torch.searchsorted(order.cost, budget))  # the shortest prefix that costs at least the budget
+    return order.keep(prefix), int(order.cost[prefix])
+
+
+def plan_memory(
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage
+) -> tuple[list[torch.Tensor], int]:
+    """The largest prefix of the global ranking whose compressed layers' weights take at most ``budget`` bytes in
+    ``storage`` (see :func:`layer_bytes`); the same order as :func:`plan_pruning`, so also nested.
+
+    Returns:
+        One boolean keep mask per layer, and the bytes of the plan's weights.
+    """
+    order = ranking(scores, shapes)
+    sizes, most = order.bytes(storage)  # (n + 1,) each
+    prefix = int(torch.searchsorted(most, int(budget), right=True)) - 1  # the longest prefix within the budget
+    if prefix < 0:  # every layer at rank 0 takes 0 bytes: only a negative budget gets here
+        raise ValueError(f"no plan fits {budget} bytes")
+    return order.keep(prefix), int(sizes[prefix])
