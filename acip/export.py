@@ -27,8 +27,7 @@ from .default_model import HUB_NAME
 from .evaluation import check_ratio
 from .files import tree_files, write_atomically, write_json
 from .folders import (
-    OLD, check_not_busy, check_output_dir, folder_lock, fresh_stage, recover, remove_tree, replace_folder, replaceable,
-    sibling,
+    check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, replace_folder, replaceable, tidy,
 )  # fmt: skip
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_model_dir, is_local_path
@@ -84,12 +83,11 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype}
     settings["license"] = _check_export(model_dir, out_dir, settings)
-    if not sibling(out_dir, OLD).exists():  # (else a killed swap is put right under the lock first)
-        replaceable(out_dir, overwrite, "out_dir")  # refused before anything is written
+    check_not_busy(out_dir, "out_dir")  # another export (or run) in progress there: say so before anything else
+    tidy(out_dir, "out_dir")  # what killed exports left (only then is anything written)
+    replaceable(out_dir, overwrite, "out_dir")  # refused before anything is written, the lock file included
     with folder_lock(out_dir, "out_dir"):
-        for note in recover(out_dir):
-            print(f"acip: {note}", file=sys.stderr)
-        replaceable(out_dir, overwrite, "out_dir")
+        replaceable(out_dir, overwrite, "out_dir")  # again: another process may have written it meanwhile
         model = ACIPModel.from_pretrained(model_dir, dtype=DTYPES.get(dtype, "auto")).eval()
         if ratio is not None:
             model.prune_model_by_score(compression_ratio=ratio).compress()

@@ -191,6 +191,24 @@ def _same_run(a: Path, b: Path) -> bool:
     return False
 
 
+def _leftovers(target: Path) -> bool:
+    """Whether killed processes left anything around ``target`` that :func:`recover` would put right."""
+    stage, old, new = sibling(target, STAGE), sibling(target, OLD), sibling(target, NEW)
+    return (stage.exists() or old.exists() or any(target.parent.glob(f".{target.name}.export-*"))
+            or (new.exists() and target.exists() and _same_run(new, target)))  # fmt: skip
+
+
+def tidy(target: str | os.PathLike, name: str = "output_dir") -> None:
+    """Put right what killed processes left around ``target``, under its lock, and say what was done; writes
+    nothing (not even the lock file) when nothing was left."""
+    target = Path(os.path.abspath(target))
+    if not _leftovers(target):
+        return
+    with folder_lock(target, name):
+        for note in recover(target):
+            print(f"acip: {note}", file=sys.stderr)
+
+
 def recover(target: str | os.PathLike) -> list[str]:
     """Put right what killed processes left around ``target`` (call with its lock held); returns what was done."""
     target = Path(os.path.abspath(target))

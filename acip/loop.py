@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from .checkpoints import (
 from .data import TrainBatches
 from .distributed import Processes
 from .files import tree_files, write_json
-from .folders import OLD, RunFolder, check_output_dir, folder_lock, fresh_stage, recover, remove_tree, sibling
+from .folders import RunFolder, check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, tidy
 from .inputs import local_inputs
 from .records import changed_inputs, config_from_record, fingerprint, read_record
 
@@ -339,24 +338,17 @@ def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume
                          "overwrite starts a new one")  # fmt: skip
     check_output_dir(output_dir, {})
     folder = RunFolder(output_dir, record_file)
-    # Refuse what can be refused before anything is written (unless a killed swap is to be put right first, under
-    # the lock): for resume, what the folder holds comes first; for a new run, inputs overlapping the output.
-    precheck = not sibling(folder.result, OLD).exists()
-    if resume and precheck:
-        folder.check(resume, overwrite)
-    paths = _checked_inputs(config, output_dir, inputs)
-    if not resume and precheck:
-        folder.check(resume, overwrite)
+    compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
+
+    def settle():
+        return _settled(config, folder, resume, overwrite, runtime.processes.world_size, compare, inputs)
+
+    if main:
+        check_not_busy(folder.result, "output_dir")  # a run in progress there: say so before anything else
+        tidy(folder.result)  # what killed processes left (only then is anything written)
+    settle()  # refuse what can be refused before anything is written, the lock file included
     with folder_lock(folder.result) if main else nullcontext():
-        if main:
-            for note in recover(folder.result):
-                print(f"acip: {note}", file=sys.stderr)
-        work = folder.check(resume, overwrite)
-        if resume:
-            compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
-            config = resumed_settings(config, work / record_file, resume, runtime.processes.world_size, compare)
-            paths = _checked_inputs(config, output_dir, inputs)
-            _same_inputs(work / record_file, paths)
+        config, paths, work = settle()  # again: another process may have changed the folder meanwhile
         task = build(config, runtime)
         if main:
             folder.prepare(work, resume)
@@ -370,14 +362,20 @@ def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume
         return loop.run()
 
 
-def _checked_inputs(config: TrainingConfig, output_dir, inputs) -> dict[str, str]:
-    """Validate the settings, the inputs (``inputs(config)``) and the output folder against them; returns the local
-    inputs (name -> absolute path)."""
-    check_output_dir(output_dir, {})
+def _settled(config, folder: RunFolder, resume: bool, overwrite: bool, world_size: int, compare, inputs):
+    """Every check of a run before it starts: the settings (a resumed run's recorded ones), the inputs, and the
+    folders. Returns the settings, the local inputs (name -> absolute path) and the folder the run will live in."""
+    if resume:  # what the folder holds comes first: is there a run of this kind to resume?
+        work = folder.check(resume, overwrite)
+        config = resumed_settings(config, work / folder.record_file, resume, world_size, compare)
     config.validate()
     paths = local_inputs(inputs(config)) if inputs is not None else {}
-    check_output_dir(output_dir, paths)
-    return paths
+    check_output_dir(folder.result, paths)
+    if resume:
+        _same_inputs(work / folder.record_file, paths)
+    else:
+        work = folder.check(resume, overwrite)
+    return config, paths, work
 
 
 def _same_inputs(record_path: Path, paths: dict[str, str]) -> None:
