@@ -13,7 +13,7 @@ from pathlib import Path
 from .distributed import Processes
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS, check_ratios
 from .finetune import FinetuneConfig, finetune
-from .folders import RunFolder
+from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
 from .inputs import check_data_source, check_model_source
 from .records import EXPORT_FILE, FINETUNE_FILE, RUN_FILE
@@ -119,6 +119,8 @@ def eval_main(args: argparse.Namespace) -> None:
     for source in args.data:
         check_data_source("data", source)
     check_model_source("model_dir", args.model_dir)
+    if Path(args.model_dir).is_dir():
+        check_not_busy(args.model_dir, "model_dir")  # a run or export is writing it
     out_dir = Path(args.output_dir or (args.model_dir if Path(args.model_dir).is_dir() else "."))
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"output_dir must be a folder, but {out_dir} is a file")

@@ -201,9 +201,11 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return FinetuneTask(model_dir, config, runtime)
 
     def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
         check_model_dir("model_dir", model_dir)
         check_not_busy(model_dir, "model_dir")
         _check_ratio_fits(model_dir, config.ratio)

@@ -54,8 +54,12 @@ def check_output_dir(out, inputs: dict[str, str], name: str = "output_dir") -> P
     real = Path(os.path.realpath(out))
     if real == Path(real.anchor):
         raise ValueError(f"{name} must be a folder of its own, not the filesystem root")
-    for place, label in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
-        if real == place or real in place.parents:
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    for place, label in ((Path.cwd().resolve(), "the current folder"), (home, "your home folder")):
+        if place is not None and (real == place or real in place.parents):
             raise ValueError(
                 f"{name} must be a folder of its own, not {label} ({place}) or a folder holding it: acip replaces "
                 "its output folder as a whole"

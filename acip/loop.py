@@ -341,6 +341,7 @@ def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume
     compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
 
     def settle():
+        """Every check of the run (read-only)."""
         return _settled(config, folder, resume, overwrite, runtime.processes.world_size, compare, inputs)
 
     if main:

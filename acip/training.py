@@ -280,9 +280,11 @@ def run_acip(config: ACIPRunConfig, output_dir, *, resume=False, overwrite=False
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return ACIPTask(config, runtime, base_model, tokenizer)
 
     def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
         if base_model is None:
             check_model_source("base_model", config.base_model, builtin=(DEFAULT_MODEL,))
         check_data_source("data", config.data)

@@ -64,7 +64,8 @@ def env(tmp_path_factory):
         with patch as monkeypatch, pytest.raises(KeyboardInterrupt):
             monkeypatch.setattr(task_class, "loss", dying)
             start()
-    (root / ".tuned_from.acip-lock").touch()  # as an earlier acip command that wrote tuned_from left it
+    for name in ("tuned_from", "acip"):  # lock files, as earlier acip commands that wrote these folders left them
+        (root / f".{name}.acip-lock").touch()
     model = tiny_base_model()
     return types.SimpleNamespace(root=root, acip=acip_dir, base=base_dir, words=words, model=model,
                                  run_config=run_config, tune_config=tune_config)  # fmt: skip
@@ -412,6 +413,14 @@ def cli_eval_one_token_windows(env):
 @case(NotADirectoryError, "output_dir must be a folder")
 def cli_eval_report_into_a_file(env):
     main(["eval", str(env.acip), "--data", env.words, "--output-dir", env.words])
+
+
+@case(RuntimeError, "model_dir .*acip is in use by process")
+def cli_eval_a_model_being_written(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.acip):
+        main(["eval", str(env.acip), "--data", env.words])
 
 
 @case(ValueError, "quantize needs a compressed model.*--ratio")
