@@ -7,6 +7,7 @@ training loop (acip.loop). Held-out perplexity is measured before and after and 
 checkpoints make a killed run resumable to the same result.
 """
 
+import json
 import math
 import os
 import shutil
@@ -18,7 +19,9 @@ from transformers import AutoTokenizer
 
 from .data import load_blocks
 from .evaluation import check_ratio, perplexity
+from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
+from .inputs import check_data_source, check_model_dir
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
 from .objective import next_token_loss
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE
@@ -192,10 +195,40 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
 
     The adapter of ``save="adapter"`` loads with ``PeftModel.from_pretrained(model, output_dir / "adapter")`` on
     ``AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)``. ``resume`` continues a killed run
-    from its last checkpoint with the settings it was started with; ``overwrite`` replaces a previous result.
+    from its last checkpoint: ``model_dir`` must be the model it started from, unchanged, and ``config`` (None: the
+    recorded settings) its settings. ``overwrite`` replaces a folder an earlier acip command wrote, once the new
+    result is complete (docs/guarantees.md); any other non-empty folder is refused.
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return FinetuneTask(model_dir, config, runtime)
 
-    return train(build, config or FinetuneConfig(), output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite)
+    def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
+        check_model_dir("model_dir", model_dir)
+        check_not_busy(model_dir, "model_dir")
+        _check_ratio_fits(model_dir, config.ratio)
+        check_data_source("data", config.data)
+        if config.eval_blocks:
+            check_data_source("eval_data", config.eval_data)
+        return {"model_dir": model_dir, "data": config.data, "eval_data": config.eval_data}
+
+    compare = None
+    if config is None:  # no settings given: a resumed run takes the recorded ones
+        recorded = RunFolder(output_dir, FINETUNE_FILE).recorded_config(FinetuneConfig) if resume else None
+        config, compare = recorded or FinetuneConfig(), ()
+    return train(build, config, output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite, inputs=inputs,
+                 compare=compare)  # fmt: skip
+
+
+def _check_ratio_fits(model_dir, ratio: float | None) -> None:
+    """A ValueError naming ratio when it does not suit the saved model (read from its config.json, nothing loaded)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") != "acip":
+        raise ValueError(f"model_dir {model_dir} is not an ACIP model (model_type {config.get('model_type')!r})")
+    if config.get("compressed") and ratio is not None:
+        raise ValueError(f"model_dir {model_dir} is already compressed; leave out ratio (--ratio)")
+    if not config.get("compressed") and ratio is None:
+        raise ValueError(f"model_dir {model_dir} is a prunable ACIP model: give the size ratio to fine-tune at "
+                         "(ratio=..., --ratio, in (0, 1])")  # fmt: skip

@@ -13,7 +13,9 @@ device, dtype and autocast, the data stream, gradient accumulation, averaging gr
 import dataclasses
 import json
 import os
+import shutil
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import (
-    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, prepare_output_dir, remove_checkpoints,
-    restore_rng, rng_tensors, save_checkpoint, truncate_log,
+    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, remove_checkpoints, restore_rng,
+    rng_tensors, save_checkpoint, truncate_log,
 )  # fmt: skip
 from .data import TrainBatches
 from .distributed import Processes
-from .files import write_json
+from .files import tree_files, write_json
+from .folders import RunFolder, check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, tidy
+from .inputs import local_inputs
+from .records import changed_inputs, config_from_record, fingerprint, read_record
 
 
 @dataclass
@@ -158,6 +163,13 @@ class Task:
 class TrainingLoop:
     """Trains a :class:`Task` to its end and saves the result, with checkpoints every ``config.checkpoint_every``."""
 
+    # Set by train(): the run's folders (None: a loop run by hand saves straight into output_dir), the run's identity
+    # (kept across checkpoints: a finished result and its leftover work folder are recognised by it) and the local
+    # inputs with their fingerprints (a resumed run must read the same ones).
+    folder: RunFolder | None = None
+    run_info: dict | None = None
+    inputs: dict | None = None
+
     def __init__(self, task: Task, output_dir: str | os.PathLike, runtime: Runtime):
         self.task, self.output_dir, self.runtime = task, Path(output_dir), runtime
         config, world = task.config, runtime.processes.world_size
@@ -178,11 +190,12 @@ class TrainingLoop:
         return self.output_dir / self.task.record_file
 
     def record(self, finished: bool = False) -> dict:
-        """The run record: settings, processes, progress and the task's figures."""
+        """The run record: identity, settings, inputs, processes, progress and the task's figures."""
         config, world = self.task.config, self.runtime.processes.world_size
-        return {"config": dataclasses.asdict(config), "processes": world,
-                "global_batch": config.batch_size * world * config.grad_accum, "finished": finished,
-                "steps": self.step, "train_seconds": round(self.elapsed, 1), **self.task.summary}  # fmt: skip
+        return {**(self.run_info or {}), "config": dataclasses.asdict(config), "inputs": self.inputs or {},
+                "processes": world, "global_batch": config.batch_size * world * config.grad_accum,
+                "finished": finished, "steps": self.step, "train_seconds": round(self.elapsed, 1),
+                **self.task.summary}  # fmt: skip
 
     def train_step(self, data) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the figures of the step."""
@@ -238,23 +251,49 @@ class TrainingLoop:
         return self.save()
 
     def begin(self) -> None:
-        """Start a fresh run: write its record (main process)."""
+        """Start a fresh run: give it an identity and write its record (main process)."""
+        self.run_info = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.task.begin()
         if self.runtime.processes.is_main:
             write_json(self.record_path, self.record())
 
     @torch.no_grad()
     def save(self):
-        """The task's result, written by the main process with the finished run record; checkpoints are removed."""
+        """The task's result with the finished run record, written by the main process; returns the result.
+
+        Under :func:`train` the result is written to a stage folder, flushed, and swapped with the output folder in
+        one step (acip.folders), so that a kill leaves the output folder either as it was or complete; the work
+        folder (log, checkpoints) goes with the swap. A loop run by hand saves straight into its ``output_dir``."""
         main = self.runtime.processes.is_main
         if self.task.config.gradient_checkpointing:
             set_gradient_checkpointing(self.task.model, False)
-        result = self.task.save(self.output_dir if main else None)
-        if main:
-            write_json(self.record_path, self.record(finished=True))
-            remove_checkpoints(self.output_dir)
+        if self.folder is None:
+            result = self.task.save(self.output_dir if main else None)
+            if main:
+                write_json(self.record_path, self.record(finished=True))
+                remove_checkpoints(self.output_dir)
+        else:
+            stage = fresh_stage(self.folder.result) if main else None
+            try:
+                result = self.task.save(stage)
+                if main:
+                    self._publish(stage)
+            except BaseException:
+                if stage is not None:
+                    remove_tree(stage)
+                raise
         self.runtime.processes.wait()
         return result
+
+    def _publish(self, stage: Path) -> None:
+        """Complete the stage (log, finished record listing every file) and swap it in as the result."""
+        log = self.output_dir / self.task.log_file
+        if log.exists():
+            shutil.copy2(log, stage / log.name)
+        record = self.record(finished=True)
+        record["files"] = sorted({*tree_files(stage), self.task.record_file})
+        write_json(stage / self.task.record_file, record)
+        self.folder.publish(stage)
 
     @torch.no_grad()
     def checkpoint(self) -> Path | None:
@@ -265,7 +304,7 @@ class TrainingLoop:
         tensors, task_meta = self.task.state()
         optim, param_groups = optimizer_tensors(self.optimizer)
         meta = {"step": self.step, "elapsed": self.elapsed, "param_groups": param_groups, "task": task_meta,
-                "summary": self.task.summary}  # fmt: skip
+                "summary": self.task.summary, "run": self.run_info}  # fmt: skip
         return save_checkpoint(self.output_dir, self.step, {**rng_tensors(), **tensors, **optim}, meta)
 
     @torch.no_grad()
@@ -275,35 +314,83 @@ class TrainingLoop:
         self.task.load_state(tensors, meta["task"])
         self.task.summary = meta["summary"]
         self.step, self.elapsed = meta["step"], meta["elapsed"]
+        self.run_info = meta.get("run") or {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         load_optimizer(self.optimizer, tensors, meta["param_groups"], self.runtime.device)
         restore_rng(tensors)
         if self.runtime.processes.is_main:
             truncate_log(self.output_dir / self.task.log_file, self.step)
 
 
-def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume: bool, overwrite: bool):
-    """Run a task end to end: settings (a resumed run keeps the recorded ones), the output folder (checked before
-    anything is built, prepared after), ``build(config, runtime) -> Task``, resume or begin, train, save."""
+def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume: bool, overwrite: bool,
+          inputs=None, compare=None):  # fmt: skip
+    """Run a task end to end: check the settings and the folders, then ``build(config, runtime) -> Task``, resume or
+    begin, train, save. Nothing is written before every check passed, and nothing deleted before the result is
+    complete (acip.folders); the output folder is locked for the whole run.
+
+    ``inputs(config) -> {argument name: value}`` checks what the run reads (raising errors that name the argument) and
+    names it; local files and folders among them must not overlap ``output_dir`` and, on resume, must be the ones the
+    run started from, unchanged. ``compare``: the settings that must equal the recorded ones on resume (default all).
+    """
     runtime = Runtime()
-    processes = runtime.processes
-    config = resumed_settings(config, Path(output_dir) / record_file, resume, processes.world_size)
+    main = runtime.processes.is_main
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                         "overwrite starts a new one")  # fmt: skip
+    check_output_dir(output_dir, {})
+    folder = RunFolder(output_dir, record_file)
+    compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
+
+    def settle():
+        """Every check of the run (read-only)."""
+        return _settled(config, folder, resume, overwrite, runtime.processes.world_size, compare, inputs)
+
+    if main:
+        check_not_busy(folder.result, "output_dir")  # a run in progress there: say so before anything else
+        tidy(folder.result)  # what killed processes left (only then is anything written)
+    settle()  # refuse what can be refused before anything is written, the lock file included
+    with folder_lock(folder.result) if main else nullcontext():
+        config, paths, work = settle()  # again: another process may have changed the folder meanwhile
+        task = build(config, runtime)
+        if main:
+            folder.prepare(work, resume)
+        runtime.processes.wait()
+        loop = TrainingLoop(task, folder.work, runtime)
+        loop.folder, loop.inputs = folder, {name: {"path": p, "fingerprint": fingerprint(p)} for name, p in paths.items()}
+        if resume:
+            loop.resume()
+        else:
+            loop.begin()
+        return loop.run()
+
+
+def _settled(config, folder: RunFolder, resume: bool, overwrite: bool, world_size: int, compare, inputs):
+    """Every check of a run before it starts: the settings (a resumed run's recorded ones), the inputs, and the
+    folders. Returns the settings, the local inputs (name -> absolute path) and the folder the run will live in."""
+    if resume:  # what the folder holds comes first: is there a run of this kind to resume?
+        work = folder.check(resume, overwrite)
+        config = resumed_settings(config, work / folder.record_file, resume, world_size, compare)
     config.validate()
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite, check_only=True)
-    task = build(config, runtime)
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite)
-    processes.wait()
-    loop = TrainingLoop(task, output_dir, runtime)
+    paths = local_inputs(inputs(config)) if inputs is not None else {}
+    check_output_dir(folder.result, paths)
     if resume:
-        loop.resume()
+        _same_inputs(work / folder.record_file, paths)
     else:
-        loop.begin()
-    return loop.run()
+        work = folder.check(resume, overwrite)
+    return config, paths, work
 
 
-def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int) -> TrainingConfig:
-    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes)."""
+def _same_inputs(record_path: Path, paths: dict[str, str]) -> None:
+    """A ValueError listing each input (name -> local path) that differs from those the run started from."""
+    changes = changed_inputs((read_record(record_path.parent, record_path.name) or {}).get("inputs") or {}, paths)
+    if changes:
+        raise ValueError(f"cannot resume {record_path.parent}: its inputs changed:\n  " + "\n  ".join(changes)
+                         + "\nresume with the same inputs, or start a new run with --overwrite")  # fmt: skip
+
+
+def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int,
+                     compare=()) -> TrainingConfig:  # fmt: skip
+    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes); each
+    field named in ``compare`` must equal the recorded one, or a ValueError lists every field that differs."""
     if not (resume and record_path.exists()):
         return config
     record = json.loads(record_path.read_text())
@@ -313,4 +400,14 @@ def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, wo
             f"this run was started with {started} process(es) and is resumed with {world_size}: each step's global "
             f"batch would change; resume with accelerate launch --num_processes {started}"
         )
-    return type(config)(**record["config"])
+    recorded = config_from_record(type(config), record)
+    plain = lambda value: json.loads(json.dumps(value))  # noqa: E731  (tuples and lists compare alike)
+    differing = [f"{name}: recorded {getattr(recorded, name)!r}, given {getattr(config, name)!r}" for name in compare
+                 if plain(getattr(config, name)) != plain(getattr(recorded, name))]  # fmt: skip
+    if differing:
+        raise ValueError(
+            f"cannot resume {record_path.parent} with other settings than it was started with:\n  "
+            + "\n  ".join(differing)
+            + "\nleave them out (or give the recorded values) to resume, or start a new run with --overwrite"
+        )
+    return recorded

@@ -29,6 +29,7 @@ from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel
+from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
 from .objective import ACIPObjective
 from .records import RUN_FILE, RUN_LOG
@@ -272,12 +273,24 @@ class ACIPTask(Task):
 def run_acip(config: ACIPRunConfig, output_dir, *, resume=False, overwrite=False, base_model=None, tokenizer=None):
     """Run ACIP end to end and return the saved full ACIP model (also written to ``output_dir``).
 
-    ``resume`` continues a killed run from its last checkpoint (with the settings it was started with);
-    ``overwrite`` replaces a previous run in ``output_dir``. A folder holding another run is refused otherwise.
+    ``resume`` continues a killed run from its last checkpoint; ``config`` must then hold the settings it was started
+    with (a ValueError lists every field that differs). ``overwrite`` replaces a folder an earlier acip command
+    wrote, once the new run is complete (docs/guarantees.md); any other non-empty folder is refused.
     ``base_model``/``tokenizer`` replace loading ``config.base_model`` (for tests and notebooks).
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return ACIPTask(config, runtime, base_model, tokenizer)
 
-    return train(build, config, output_dir, RUN_FILE, resume=resume, overwrite=overwrite)
+    def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
+        if base_model is None:
+            check_model_source("base_model", config.base_model, builtin=(DEFAULT_MODEL,))
+        check_data_source("data", config.data)
+        if config.basis == "whitened" and config.calibration_data is not None:
+            check_data_source("calibration_data", config.calibration_data)
+        named = {"data": config.data, "calibration_data": config.calibration_data}
+        return {**named, "base_model": config.base_model} if base_model is None else named
+
+    return train(build, config, output_dir, RUN_FILE, resume=resume, overwrite=overwrite, inputs=inputs)
