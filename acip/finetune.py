@@ -23,8 +23,9 @@ from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
-from .objective import next_token_loss
-from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE
+from .base_model import load_base_model
+from .objective import language_model_loss
+from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
 
 ADAPTER_DIR = "adapter"
 SAVE_MODES = ("merged", "adapter")
@@ -48,6 +49,7 @@ class FinetuneConfig(TrainingConfig):
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up (then cosine decay to 0)"})
     lora_targets: str | list[str] = field(default="all-linear", metadata={"help": "layers that get LoRA (peft convention; all-linear: the factor layers and dense layers, not the head)"})
+    teacher: str | None = field(default=None, metadata={"help": "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or Hub name); default: the base model of the ACIP run (its acip_run.json)"})
     save: str = field(default="merged", metadata={"help": "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed model plus the peft adapter", "choices": SAVE_MODES})
 
     def validate(self) -> None:
@@ -117,6 +119,10 @@ class FinetuneTask(Task):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_targets)  # fmt: skip
         self.model = get_peft_model(self.compressed, lora)
+        self.teacher = None
+        if config.distill_alpha > 0:  # the dense model, frozen, in the dtype the run computes in
+            name = config.teacher or recorded_base_model(model_dir)
+            self.teacher = load_base_model(name, runtime.compute_dtype)[0].to(runtime.device).requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.summary = {"model": self.model_dir, "size_ratio": self.compressed.get_size_ratio(),
                         "base_model": self.compressed.config.base_model_name_or_path}  # fmt: skip
@@ -136,9 +142,14 @@ class FinetuneTask(Task):
         return [{"params": self.params}]
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """Next-token cross entropy."""
-        loss = next_token_loss(self.model(input_ids=ids).logits, ids)
-        return loss, {"loss": loss.item()}
+        """Next-token cross entropy, distilled from the teacher when there is one."""
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
+        logits = self.model(input_ids=ids).logits  # (B, T, V)
+        return language_model_loss(logits, ids, teacher_logits, self.config.distill_alpha,
+                                   self.config.distill_temperature)  # fmt: skip
 
     def lr(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 0."""
