@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .checkpoints import (
@@ -238,19 +239,22 @@ class TrainingLoop:
         totals, tokens = {}, 0
         for _ in range(config.grad_accum):
             ids = processes.shard(next(data)).to(self.runtime.device)  # (B, T): this process's rows
-            with self.runtime.autocast:
+            with self.runtime.autocast, record_function("forward and loss"):  # profiler labels (benchmarks/training.py)
                 loss, figures = task.loss(ids, self.step)
-            (loss / config.grad_accum).backward()
+            with record_function("backward"):
+                (loss / config.grad_accum).backward()
             for key, value in figures.items():
                 totals[key] = totals.get(key, 0.0) + value / config.grad_accum
             tokens += ids.numel() * processes.world_size
-        processes.average_gradients(self.params)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("optimizer"):
+            processes.average_gradients(self.params)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        after = task.after_step(self.step)
+        with record_function("after step"):
+            after = task.after_step(self.step)
         seconds = time.perf_counter() - start
         self.elapsed += seconds
         figures = {key: processes.mean(value) for key, value in totals.items()}
