@@ -203,6 +203,7 @@ def shared_input_groups(model: nn.Module, names: list[str], probe: torch.Tensor)
     hooks = []
     for name in names:
         def record(module, args, kwargs, name=name):
+            """Note the input tensor this layer is called with."""
             x = args[0] if args else next(iter(kwargs.values()))
             if not any(name in group for _, group in seen.values()):  # a layer called twice: its first input
                 seen.setdefault(id(x), (x, []))[1].append(name)

@@ -19,7 +19,7 @@ Targets (float32, batch 1, against dense): at 0.4 decode >= 1.7x (median; >= 1.5
 >= 1.5x, resident memory <= 0.55x; at 0.6 decode >= 1.3x; at 0.8 not slower than dense. bfloat16: no form slower
 than its unfused (compressed) form.
 
-    python benchmarks/inference.py [--model-dir runs/quality] [--repeats 3] [--threads N] [--no-compile]
+    python benchmarks/inference.py [--model-dir runs/quality] [--repeats 3] [--threads N] [--compile-dtypes float32]
 """
 
 import argparse
@@ -79,12 +79,12 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
     return configurations
 
 
-def with_compiled(configurations: list[dict]) -> list[dict]:
-    """The configurations plus, after each plain fused one, the same folder measured with torch.compile."""
+def with_compiled(configurations: list[dict], dtypes) -> list[dict]:
+    """The configurations plus, after each plain fused one in ``dtypes``, the same folder measured compiled."""
     out = []
     for c in configurations:
         out.append(c)
-        if c["form"] == "fused":
+        if c["form"] == "fused" and c["dtype"] in dtypes:
             out.append({**c, "form": "fused + compile", "compile": True})
     return out
 
@@ -117,15 +117,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all configurations")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the fused + torch.compile rows")
+    parser.add_argument("--compile-dtypes", nargs="*", default=list(DTYPES), choices=DTYPES,
+                        help="dtypes with fused + torch.compile rows (none: no such rows; each compiles for minutes)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
         configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple)
-        if not args.no_compile:
-            configurations = with_compiled(configurations)
+        configurations = with_compiled(configurations, args.compile_dtypes)
         runs = []
         for repeat in range(args.repeats):
             start = time.perf_counter()
