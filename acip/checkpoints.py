@@ -1,8 +1,8 @@
 """Training checkpoints that a crash cannot corrupt and that never need unpickling.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding ``state.safetensors`` (tensors) and ``trainer.json``
-(everything else), written under a temporary name and renamed into place; ``checkpoints/latest.json`` then points at
-it and older folders are removed. The ACIP run and the fine-tuning run both use it.
+(everything else), written under a temporary name, flushed and renamed into place; ``checkpoints/latest.json`` then
+points at it and older folders are removed. The ACIP run and the fine-tuning run both use it.
 """
 
 import json
@@ -13,14 +13,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import write_atomically, write_json
+from .files import fsync_path, fsync_tree, write_atomically, write_json
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write one checkpoint of ``output_dir``'s run atomically and make it the latest; returns its folder."""
+    """Write one checkpoint of ``output_dir``'s run atomically and make it the latest; returns its folder.
+
+    The folder is written under a temporary name, flushed to the disk and renamed into place; only then does
+    ``latest.json`` (itself replaced atomically) point at it, and only then are older checkpoints removed. A kill at
+    any moment leaves ``latest.json`` pointing at a complete checkpoint (or no checkpoint yet).
+    """
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
@@ -29,9 +34,12 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
     tmp.mkdir()
     save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, tmp / "state.safetensors")
     write_json(tmp / "trainer.json", meta)
+    fsync_tree(tmp)
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # a killed run wrote this step without pointing at it: the pointer never names it
+        shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(root)
     write_json(root / LATEST, {"checkpoint": name})
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
@@ -40,11 +48,13 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The folder of the run's latest checkpoint, or None when none was written."""
-    latest = Path(output_dir) / CHECKPOINTS / LATEST
-    if not latest.exists():
+    """The folder of the run's latest complete checkpoint, or None when none was written."""
+    root = Path(output_dir) / CHECKPOINTS
+    try:
+        folder = root / json.loads((root / LATEST).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return latest.parent / json.loads(latest.read_text())["checkpoint"]
+    return folder if (folder / "state.safetensors").is_file() and (folder / "trainer.json").is_file() else None
 
 
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,26 +66,6 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 def remove_checkpoints(output_dir: str | os.PathLike) -> None:
     """Delete a finished run's checkpoints."""
     shutil.rmtree(Path(output_dir) / CHECKPOINTS, ignore_errors=True)
-
-
-def prepare_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
-    """The run's folder, ready: for ``resume`` it must hold a checkpoint; otherwise it must be empty or absent, or
-    ``overwrite`` clears it. ``check_only`` raises what would be refused and changes nothing."""
-    output_dir = Path(output_dir)
-    if resume:
-        if latest_checkpoint(output_dir) is None:
-            raise FileNotFoundError(f"nothing to resume in {output_dir}: no checkpoint was written there")
-    elif output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} is not empty (it holds another run or other files); "
-                "pass overwrite=True (--overwrite) to replace it, or resume=True (--resume) to continue a run"
-            )
-        if not check_only:
-            shutil.rmtree(output_dir)
-    if not check_only:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -115,8 +105,17 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def truncate_log(path: str | os.PathLike, steps: int) -> None:
-    """Drop the lines of a JSONL run log written after step ``steps`` (a resumed run rewrites them)."""
+    """Drop the lines of a JSONL run log written after step ``steps`` (a resumed run rewrites them), and a torn last
+    line (a full disk or a power loss cut it short)."""
     path = Path(path)
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= steps]
-        write_atomically(path, "".join(line + "\n" for line in lines))
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= steps:
+            kept.append(line)
+    write_atomically(path, "".join(line + "\n" for line in kept))

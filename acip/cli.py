@@ -11,9 +11,12 @@ import typing
 from pathlib import Path
 
 from .distributed import Processes
-from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
+from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS, check_ratios
 from .finetune import FinetuneConfig, finetune
+from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
+from .inputs import check_data_source, check_model_source
+from .records import EXPORT_FILE, FINETUNE_FILE, RUN_FILE
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
 
@@ -35,8 +38,10 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
 def _add_run_options(parser: argparse.ArgumentParser, result: str, config_class) -> None:
     """The options of a training command: where it writes, resume, overwrite, and one per config field."""
     parser.add_argument("--output-dir", required=True, help=f"where {result}, log and checkpoints go")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint "
+                        "(options given must equal the recorded ones)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous acip result in --output-dir, "
+                        "once the new one is complete")  # fmt: skip
     _add_config_options(parser, config_class)
 
 
@@ -46,9 +51,20 @@ def _config_overrides(args: argparse.Namespace, config_class) -> dict:
     return {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
 
 
+def _resumed_config(args: argparse.Namespace, config_class, record_file: str):
+    """For ``--resume``: the recorded settings with the options given on the command line applied (only those are
+    compared with the record; the run refuses any that differ). None when there is no run to resume."""
+    if not args.resume:
+        return None
+    recorded = RunFolder(args.output_dir, record_file).recorded_config(config_class)
+    return None if recorded is None else dataclasses.replace(recorded, **_config_overrides(args, config_class))
+
+
 def compress_main(args: argparse.Namespace) -> None:
     """acip compress: run ACIP and save a full, prunable ACIP model."""
-    config = preset(args.preset, **_config_overrides(args, ACIPRunConfig))
+    config = _resumed_config(args, ACIPRunConfig, RUN_FILE) if args.preset is None else None
+    if config is None:
+        config = preset(args.preset or "paper", **_config_overrides(args, ACIPRunConfig))
     start = time.perf_counter()
     model = run_acip(config, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if Processes().is_main:
@@ -60,12 +76,13 @@ def compress_main(args: argparse.Namespace) -> None:
 
 def finetune_main(args: argparse.Namespace) -> None:
     """acip finetune: prune, compress, optionally quantize, LoRA fine-tune, save merged model or adapter."""
-    config = FinetuneConfig(**_config_overrides(args, FinetuneConfig))
+    config = _resumed_config(args, FinetuneConfig, FINETUNE_FILE)
+    config = config or FinetuneConfig(**_config_overrides(args, FinetuneConfig))
     start = time.perf_counter()
     finetune(args.model_dir, args.output_dir, config, resume=args.resume, overwrite=args.overwrite)
     if not Processes().is_main:
         return
-    record = json.loads((Path(args.output_dir) / "finetune_run.json").read_text())
+    record = json.loads((Path(args.output_dir) / FINETUNE_FILE).read_text())
     before, after = record.get("perplexity_before"), record.get("perplexity_after")
     held_out = f"; held-out perplexity {before:.2f} -> {after:.2f}" if before is not None else ""
     print(f"saved {args.output_dir} ({record['config']['save']}) in {time.perf_counter() - start:.0f} s at size ratio "
@@ -86,6 +103,10 @@ def export_main(args: argparse.Namespace) -> None:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     checked = "" if args.no_validate else ", loads offline through trust_remote_code"
     print(f"exported {out} ({size / 2**20:.1f} MiB{checked}) in {time.perf_counter() - start:.0f} s")
+    replaced = json.loads((out / EXPORT_FILE).read_text()).get("local_paths_replaced") or []
+    if replaced:
+        print("local paths replaced by their last component (the folder names no file of this machine):")
+        print("".join(f"  {line}\n" for line in replaced), end="")
     if args.push_to_hub:
         url = push_to_hub(out, args.repo_id, private=args.private, validate=False)  # just checked above
         print(f"pushed to {url}")
@@ -94,7 +115,15 @@ def export_main(args: argparse.Namespace) -> None:
 def eval_main(args: argparse.Namespace) -> None:
     """acip eval: held-out perplexity across size ratios (default), zero-shot tasks (--tasks) or size, memory and
     speed (--efficiency) of a saved ACIP model; tables are printed and written next to the model."""
+    check_ratios(args.ratios)
+    for source in args.data:
+        check_data_source("data", source)
+    check_model_source("model_dir", args.model_dir)
+    if Path(args.model_dir).is_dir():
+        check_not_busy(args.model_dir, "model_dir")  # a run or export is writing it
     out_dir = Path(args.output_dir or (args.model_dir if Path(args.model_dir).is_dir() else "."))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output_dir must be a folder, but {out_dir} is a file")
     if args.efficiency:
         _efficiency(args, out_dir)
     elif args.tasks:
@@ -152,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compress = commands.add_parser("compress", help="run ACIP on a base model and save a prunable ACIP model")
-    compress.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings to start from")
+    compress.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                          help="settings to start from (default: paper; with --resume: the recorded settings)")
     _add_run_options(compress, "the ACIP model", ACIPRunConfig)
     compress.set_defaults(main=compress_main)
 

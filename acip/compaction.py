@@ -84,6 +84,17 @@ class RankCompactor:
             if torch.is_tensor(value) and value.shape == old_shape:
                 value.data = value.data.index_select(dim, index)
 
+    def _widened(self, state: dict, shape, full_shape, dim: int, name: str) -> dict:
+        """Optimizer state of a rank-indexed tensor, scattered from the computed ranks into zeros of full rank."""
+        out = {}
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == shape:
+                wide = value.new_zeros(full_shape)
+                wide.index_copy_(dim, self.alive[name].to(value.device), value)
+                value = wide
+            out[key] = value
+        return out
+
     def compact_dead(self, force: bool = False) -> int:
         """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold; returns how many."""
         compacted = 0
@@ -110,13 +121,17 @@ class RankCompactor:
         return out
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Put every layer back at full rank, exactly as if nothing had been dropped (optimizer state is not kept)."""
+    def restore(self, keep_optimizer_state: bool = False) -> None:
+        """Put every layer back at full rank, exactly as if nothing had been dropped. The optimizer state of the
+        rank-indexed tensors is dropped, or with ``keep_optimizer_state`` kept for the computed ranks (zeros for the
+        restored ones, as for a tensor that never had a gradient there)."""
         for name, layer in self.layers.items():
             whole = self.full(name)
-            for key, tensor, _ in rank_slots(layer):
+            for key, tensor, dim in rank_slots(layer):
+                state = self.optimizer.state.pop(tensor, {})
+                if keep_optimizer_state and state:  # frozen tensors (the factors) have none and get none
+                    self.optimizer.state[tensor] = self._widened(state, tensor.shape, whole[key].shape, dim, name)
                 tensor.data = whole[key]
-                self.optimizer.state.pop(tensor, None)
             _set_rank(layer, self.full_rank[name])
             self.alive[name] = torch.arange(self.full_rank[name])
             self.stash[name] = {}

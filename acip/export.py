@@ -1,7 +1,7 @@
 """Export a saved ACIP model as a folder ready for the Hugging Face Hub, check it the way a user will load it, and
 push it.
 
-An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the three
+An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the four
 remote-code files, ``requirements.txt`` and a ``README.md`` model card rendered from ``templates/model_card.md``:
 Hub front matter, a quick start naming the repository, what the size ratio means, the measured perplexity table
 when the model folder holds an ``acip eval`` result, how the model was made, dependencies, license and citation.
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,11 +25,17 @@ from transformers import AutoTokenizer
 from .data import hub_dataset_name
 from .default_model import HUB_NAME
 from .evaluation import check_ratio
-from .files import write_atomically
+from .files import tree_files, write_atomically, write_json
+from .folders import (
+    check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, replace_folder, replaceable, tidy,
+)  # fmt: skip
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .report import REPORT_STEM, read_report
+from .inputs import check_model_dir, is_local_path
+from .records import EXPORT_FILE
+from .report import REPORT_STEM, read_report, write_report
 
-# What a Hub user needs to load an exported model (the acip package is not needed); CI installs exactly this.
+# What a Hub user needs to load an exported model (the acip package is not needed); CI installs exactly this, and
+# the repository's requirements.txt is this list (tests/test_export.py checks that they agree).
 HUB_REQUIREMENTS = ("torch>=2.4", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4")
 QUANT_REQUIREMENT = "bitsandbytes>=0.45"
 KNOWN_LICENSES = {HUB_NAME: "apache-2.0"}  # base models whose license we can fill in unasked
@@ -58,72 +65,169 @@ def export_model(
     """Write a Hub-ready copy of the ACIP model in ``model_dir`` to ``out_dir`` and return it.
 
     Args:
-        repo_id: the Hub repository (``org/name``) the model card's quick start names; default: the folder path.
+        repo_id: the Hub repository (``org/name``) the model card's quick start names; default ``ORG/<out_dir name>``.
         license: a Hub license id (``apache-2.0``, ``mit``, ``llama3.1``, ``other``...); needed unless the base
             model's license is known (the embedded SmolLM2: apache-2.0).
         ratio: prune to this size ratio and compress before export (a compressed, smaller model); None exports the
             model as it is (a prunable model stays prunable).
-        quantize: ``"nf4"`` or ``"fp4"``: store the (compressed) model in 4 bits; the folder then needs bitsandbytes.
+        quantize: ``"nf4"`` or ``"fp4"``: store the compressed model in 4 bits (a prunable model needs ``ratio``);
+            the folder then needs bitsandbytes.
         dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` weights (masks and scores stay float32).
-        overwrite: replace an existing non-empty ``out_dir`` (only once the new folder has passed its check).
+        overwrite: replace a non-empty ``out_dir`` that an earlier acip command wrote, once the new folder is
+            complete and has passed its check (swapped in at once; docs/guarantees.md).
         validate: load the written folder in a fresh offline process first (:func:`check_folder`).
+
+    Local paths (the base model's folder, data files) are replaced by their last component in every exported file;
+    ``acip_export.json`` lists where (``local_paths_replaced``).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if repo_id is not None:
-        check_repo_id(repo_id)
+    settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype}
+    settings["license"] = _check_export(model_dir, out_dir, settings)
+    check_not_busy(out_dir, "out_dir")  # another export (or run) in progress there: say so before anything else
+    tidy(out_dir, "out_dir")  # what killed exports left (only then is anything written)
+    replaceable(out_dir, overwrite, "out_dir")  # refused before anything is written, the lock file included
+    with folder_lock(out_dir, "out_dir"):
+        replaceable(out_dir, overwrite, "out_dir")  # again: another process may have written it meanwhile
+        model = ACIPModel.from_pretrained(model_dir, dtype=DTYPES.get(dtype, "auto")).eval()
+        if ratio is not None:
+            model.prune_model_by_score(compression_ratio=ratio).compress()
+        if quantize is not None:
+            model.quantize(quantize)
+        stage = fresh_stage(out_dir)
+        try:
+            _write_export(model, model_dir, stage, settings, repo_id or f"ORG/{Path(os.path.abspath(out_dir)).name}")
+            del model
+            if validate:
+                check_folder(stage)
+            previous = replace_folder(stage, out_dir)
+            if previous is not None:
+                remove_tree(previous)
+        except BaseException:
+            remove_tree(stage)
+            raise
+    return out_dir
+
+
+def _check_export(model_dir: Path, out_dir: Path, settings: dict) -> str:
+    """Every check of an export that needs no model loaded (errors name the argument); returns the license."""
+    if settings["repo_id"] is not None:
+        check_repo_id(settings["repo_id"])
+    ratio, quantize, dtype = settings["ratio"], settings["quantize"], settings["dtype"]
     if ratio is not None:
         check_ratio(ratio)
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {quantize!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {dtype!r}")
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} is not a saved ACIP model (no config.json)")
+    check_model_dir("model_dir", model_dir)
     if not (model_dir / "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no tokenizer files; save the tokenizer next to the model first")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError("out_dir must differ from model_dir: the export is a new folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
-
-    model = ACIPModel.from_pretrained(model_dir, dtype=DTYPES.get(dtype, "auto")).eval()
-    base_model = model.config.base_model_name_or_path or "the base model"
-    license = license or KNOWN_LICENSES.get(base_model)
+        raise FileNotFoundError(f"model_dir {model_dir} has no tokenizer files; save the tokenizer next to the model")
+    check_output_dir(out_dir, {"model_dir": str(model_dir)}, "out_dir")
+    config = json.loads((model_dir / "config.json").read_text())
+    if ratio is not None and config.get("compressed"):
+        raise ValueError(f"model_dir {model_dir} is already compressed; export it without ratio (--ratio)")
+    if quantize is not None and ratio is None and not config.get("compressed"):
+        raise ValueError(
+            f"quantize needs a compressed model, and model_dir {model_dir} is prunable: give ratio (--ratio) to prune "
+            "and compress it first, or export it without quantize (--quantize)"
+        )
+    base_model = config.get("base_model_name_or_path") or "the base model"
+    license = settings["license"] or KNOWN_LICENSES.get(base_model)
     if license is None:
         raise ValueError(
             f"license is needed: name the license of the exported weights (--license; a Hub license id such as "
             f"apache-2.0, mit, llama3.1 or other), which must respect that of the base model {base_model}"
         )
-    if ratio is not None:
-        if model.config.compressed:
-            raise ValueError(f"{model_dir} is already compressed; export it without ratio (--ratio)")
-        model.prune_model_by_score(compression_ratio=ratio).compress()
-    if quantize is not None:
-        model.quantize(quantize)
+    check_not_busy(model_dir, "model_dir")
+    return license
 
-    tmp = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-        for name in RECORDS:
-            if (model_dir / name).exists():
-                shutil.copy2(model_dir / name, tmp / name)
-        quantized = getattr(model.config, "quantization_config", None) is not None
-        requirements = [*HUB_REQUIREMENTS, *([QUANT_REQUIREMENT] if quantized else [])]
-        write_atomically(tmp / "requirements.txt", "\n".join(requirements) + "\n")
-        card = model_card(model, tmp, repo_id or str(out_dir), license, requirements)
-        write_atomically(tmp / "README.md", card)
-        del model
-        if validate:
-            check_folder(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+def _write_export(model: ACIPModel, model_dir: Path, stage: Path, settings: dict, repo_id: str) -> None:
+    """Write every file of the export into the empty folder ``stage``."""
+    model.save_pretrained(stage)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(stage)
+    for name in RECORDS:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, stage / name)
+    replaced = scrub_local_paths(stage, [str(model_dir), os.path.abspath(model_dir)])
+    saved = json.loads((stage / "config.json").read_text())
+    model.config.base_model_name_or_path = saved.get("base_model_name_or_path")  # the card names the base model
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    requirements = [*HUB_REQUIREMENTS, *([QUANT_REQUIREMENT] if quantized else [])]
+    write_atomically(stage / "requirements.txt", requirements_text(quantized))
+    write_atomically(stage / "README.md", model_card(model, stage, repo_id, settings["license"], requirements))
+    record = {"source": _name(str(model_dir)), **settings, "repo_id": repo_id,
+              "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "local_paths_replaced": replaced}  # fmt: skip
+    record["files"] = sorted({*tree_files(stage), EXPORT_FILE})
+    write_json(stage / EXPORT_FILE, record)
+
+
+def requirements_text(quantized: bool = False) -> str:
+    """The requirements.txt of an exported folder (and, unquantized, the repository's own): what loading needs."""
+    return "\n".join([*HUB_REQUIREMENTS, *([QUANT_REQUIREMENT] if quantized else [])]) + "\n"
+
+
+# Fields of config.json and of the run records whose values may be local paths.
+PATH_FIELDS = {"base_model", "base_model_name_or_path", "_name_or_path", "name_or_path", "model", "data",
+               "calibration_data", "eval_data", "path"}  # fmt: skip
+
+
+def _name(path: str) -> str:
+    """What a local path becomes in an exported file: its last component."""
+    return Path(path.rstrip("/\\")).name or "local-model"
+
+
+def _scrub(value, where: str, originals: dict[str, str], replaced: list[str]):
+    """``value`` (parsed JSON) with local paths in :data:`PATH_FIELDS` replaced by their names; notes each."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key in PATH_FIELDS and isinstance(item, str) and is_local_path(item) and _name(item) != item:
+                originals[item] = _name(item)
+                replaced.append(f"{where}{key} -> {_name(item)!r}")
+                item = _name(item)
+            out[key] = _scrub(item, f"{where}{key}.", originals, replaced)
+        return out
+    if isinstance(value, list):
+        return [_scrub(item, where, originals, replaced) for item in value]
+    return value
+
+
+def scrub_local_paths(folder: Path, known: list[str]) -> list[str]:
+    """Replace local paths by their last component in the JSON files, the perplexity report and any other text file
+    of ``folder`` (``known``: paths to look for besides those the records name); returns what was replaced, as
+    ``file: field -> 'name'`` lines, without the paths themselves."""
+    originals = {path: _name(path) for path in known if is_local_path(path) and _name(path) != path}
+    replaced = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith(REPORT_STEM):
+            continue
+        data = json.loads(path.read_text())
+        notes = []
+        scrubbed = _scrub(data, "", originals, notes)
+        if notes:
+            write_json(path, scrubbed)
+            replaced += [f"{path.name}: {note}" for note in notes]
+    if (folder / f"{REPORT_STEM}.json").exists():
+        report = read_report(folder)
+        sources = {source: _name(source) if is_local_path(source) else source for source in report.windows}
+        if is_local_path(report.model) or sources != {s: s for s in sources}:
+            originals.update({s: n for s, n in sources.items() if s != n})
+            report.model = _name(report.model) if is_local_path(report.model) else report.model
+            for table in (report.windows, report.results, report.dense):
+                for source in [s for s in table if sources.get(s, s) != s]:
+                    table[sources[source]] = table.pop(source)
+            write_report(report, folder)
+            replaced.append(f"{REPORT_STEM}.json/.csv/.png: model and text sources -> names")
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".md", ".txt", ".csv", ".jinja")):
+        text = path.read_text(errors="replace")
+        found = [o for o in sorted(originals, key=len, reverse=True) if o and o in text]
+        for original in found:
+            text = text.replace(original, originals[original])
+        if found:
+            write_atomically(path, text)
+            replaced.append(f"{path.name}: text -> {sorted({originals[o] for o in found})}")
+    return replaced
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -7,6 +7,7 @@ training loop (acip.loop). Held-out perplexity is measured before and after and 
 checkpoints make a killed run resumable to the same result.
 """
 
+import json
 import math
 import os
 import shutil
@@ -18,10 +19,13 @@ from transformers import AutoTokenizer
 
 from .data import load_blocks
 from .evaluation import check_ratio, perplexity
+from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
+from .inputs import check_data_source, check_model_dir
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
-from .objective import next_token_loss
-from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE
+from .base_model import load_base_model
+from .objective import language_model_loss
+from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
 
 ADAPTER_DIR = "adapter"
 SAVE_MODES = ("merged", "adapter")
@@ -45,6 +49,7 @@ class FinetuneConfig(TrainingConfig):
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up (then cosine decay to 0)"})
     lora_targets: str | list[str] = field(default="all-linear", metadata={"help": "layers that get LoRA (peft convention; all-linear: the factor layers and dense layers, not the head)"})
+    teacher: str | None = field(default=None, metadata={"help": "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or Hub name); default: the base model of the ACIP run (its acip_run.json)"})
     save: str = field(default="merged", metadata={"help": "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed model plus the peft adapter", "choices": SAVE_MODES})
 
     def validate(self) -> None:
@@ -114,6 +119,10 @@ class FinetuneTask(Task):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_targets)  # fmt: skip
         self.model = get_peft_model(self.compressed, lora)
+        self.teacher = None
+        if config.distill_alpha > 0:  # the dense model, frozen, in the dtype the run computes in
+            name = config.teacher or recorded_base_model(model_dir)
+            self.teacher = load_base_model(name, runtime.compute_dtype)[0].to(runtime.device).requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.summary = {"model": self.model_dir, "size_ratio": self.compressed.get_size_ratio(),
                         "base_model": self.compressed.config.base_model_name_or_path}  # fmt: skip
@@ -133,9 +142,14 @@ class FinetuneTask(Task):
         return [{"params": self.params}]
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """Next-token cross entropy."""
-        loss = next_token_loss(self.model(input_ids=ids).logits, ids)
-        return loss, {"loss": loss.item()}
+        """Next-token cross entropy, distilled from the teacher when there is one."""
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
+        logits = self.model(input_ids=ids).logits  # (B, T, V)
+        return language_model_loss(logits, ids, teacher_logits, self.config.distill_alpha,
+                                   self.config.distill_temperature)  # fmt: skip
 
     def lr(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 0."""
@@ -192,10 +206,40 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
 
     The adapter of ``save="adapter"`` loads with ``PeftModel.from_pretrained(model, output_dir / "adapter")`` on
     ``AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)``. ``resume`` continues a killed run
-    from its last checkpoint with the settings it was started with; ``overwrite`` replaces a previous result.
+    from its last checkpoint: ``model_dir`` must be the model it started from, unchanged, and ``config`` (None: the
+    recorded settings) its settings. ``overwrite`` replaces a folder an earlier acip command wrote, once the new
+    result is complete (docs/guarantees.md); any other non-empty folder is refused.
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return FinetuneTask(model_dir, config, runtime)
 
-    return train(build, config or FinetuneConfig(), output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite)
+    def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
+        check_model_dir("model_dir", model_dir)
+        check_not_busy(model_dir, "model_dir")
+        _check_ratio_fits(model_dir, config.ratio)
+        check_data_source("data", config.data)
+        if config.eval_blocks:
+            check_data_source("eval_data", config.eval_data)
+        return {"model_dir": model_dir, "data": config.data, "eval_data": config.eval_data}
+
+    compare = None
+    if config is None:  # no settings given: a resumed run takes the recorded ones
+        recorded = RunFolder(output_dir, FINETUNE_FILE).recorded_config(FinetuneConfig) if resume else None
+        config, compare = recorded or FinetuneConfig(), ()
+    return train(build, config, output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite, inputs=inputs,
+                 compare=compare)  # fmt: skip
+
+
+def _check_ratio_fits(model_dir, ratio: float | None) -> None:
+    """A ValueError naming ratio when it does not suit the saved model (read from its config.json, nothing loaded)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") != "acip":
+        raise ValueError(f"model_dir {model_dir} is not an ACIP model (model_type {config.get('model_type')!r})")
+    if config.get("compressed") and ratio is not None:
+        raise ValueError(f"model_dir {model_dir} is already compressed; leave out ratio (--ratio)")
+    if not config.get("compressed") and ratio is None:
+        raise ValueError(f"model_dir {model_dir} is a prunable ACIP model: give the size ratio to fine-tune at "
+                         "(ratio=..., --ratio, in (0, 1])")  # fmt: skip

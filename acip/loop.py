@@ -13,21 +13,30 @@ device, dtype and autocast, the data stream, gradient accumulation, averaging gr
 import dataclasses
 import json
 import os
+import shutil
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .checkpoints import (
-    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, prepare_output_dir, remove_checkpoints,
-    restore_rng, rng_tensors, save_checkpoint, truncate_log,
+    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, remove_checkpoints, restore_rng,
+    rng_tensors, save_checkpoint, truncate_log,
 )  # fmt: skip
 from .data import TrainBatches
 from .distributed import Processes
-from .files import write_json
+from .files import tree_files, write_json
+from .folders import RunFolder, check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, tidy
+from .inputs import local_inputs
+from .records import changed_inputs, config_from_record, fingerprint, read_record
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -46,6 +55,9 @@ class TrainingConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
+    distill_alpha: float = field(default=0.0, metadata={"help": "weight α of distillation from the dense base model: loss = (1-α)·CE + α·T²·KL(teacher‖student) (0: off)"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "temperature T of the distillation term"})
+    compute_dtype: str = field(default="auto", metadata={"help": "dtype of the matrix products: auto (bfloat16 on CUDA and on CPUs with native bf16 units, else float32), float32 or bfloat16", "choices": COMPUTE_DTYPES})
 
     def validate(self) -> None:
         """Clear errors for settings a run cannot use."""
@@ -53,8 +65,14 @@ class TrainingConfig:
             _at_least(self, name, 1)
         for name in ("checkpoint_every", "max_grad_norm", "lora_dropout"):
             _at_least(self, name, 0)
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if not self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
@@ -72,18 +90,31 @@ def default(name: str, value):
     return field(default=value, metadata=base.metadata)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): then they run ~4x faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch probes; absent means no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 class Runtime:
     """Where and how a run computes: its processes, the device, the weights' dtype and the autocast context.
 
-    bf16 weights and autocast on CUDA; float32 on the CPU. ``device`` is where input ids go (with a device map, the
-    input embeddings' device).
+    On CUDA: bf16 weights and bf16 autocast. On the CPU: float32 weights (the saved model keeps full precision) and,
+    with ``compute_dtype`` "auto" on a CPU with native bf16 matrix units or "bfloat16", bf16 autocast: the matrix
+    products run in bf16, the loss, masks, scores and optimizer in float32. ``device`` is where input ids go (with a
+    device map, the input embeddings' device).
     """
 
-    def __init__(self, processes: Processes | None = None):
+    def __init__(self, processes: Processes | None = None, compute_dtype: str = "auto"):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         self.processes = processes or Processes()
         self.device = self.processes.device
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        bf16 = compute_dtype == "bfloat16" or (compute_dtype == "auto" and (cuda or cpu_has_fast_bf16()))
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def set_gradient_checkpointing(model, enabled: bool) -> None:
@@ -122,6 +153,9 @@ class Task:
     def begin(self) -> None:
         """Called when a run starts afresh (not on resume), before its record is first written."""
 
+    def before_step(self, step: int) -> None:
+        """Called before optimizer step ``step`` (0-based), e.g. to choose this step's model size."""
+
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch of token ids (B, T) at optimizer step ``step`` (0-based), and figures to log."""
         raise NotImplementedError
@@ -158,6 +192,13 @@ class Task:
 class TrainingLoop:
     """Trains a :class:`Task` to its end and saves the result, with checkpoints every ``config.checkpoint_every``."""
 
+    # Set by train(): the run's folders (None: a loop run by hand saves straight into output_dir), the run's identity
+    # (kept across checkpoints: a finished result and its leftover work folder are recognised by it) and the local
+    # inputs with their fingerprints (a resumed run must read the same ones).
+    folder: RunFolder | None = None
+    run_info: dict | None = None
+    inputs: dict | None = None
+
     def __init__(self, task: Task, output_dir: str | os.PathLike, runtime: Runtime):
         self.task, self.output_dir, self.runtime = task, Path(output_dir), runtime
         config, world = task.config, runtime.processes.world_size
@@ -167,7 +208,8 @@ class TrainingLoop:
         )
         groups = task.param_groups()
         self.params = [p for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
+        # fused: one kernel per step instead of a dozen elementwise passes over every LoRA tensor (3x faster on CPU)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0, fused=True)
         task.prepare(self.optimizer)
         self.step = 0  # optimizer steps taken: the data position
         self.elapsed = 0.0
@@ -178,36 +220,41 @@ class TrainingLoop:
         return self.output_dir / self.task.record_file
 
     def record(self, finished: bool = False) -> dict:
-        """The run record: settings, processes, progress and the task's figures."""
+        """The run record: identity, settings, inputs, processes, progress and the task's figures."""
         config, world = self.task.config, self.runtime.processes.world_size
-        return {"config": dataclasses.asdict(config), "processes": world,
-                "global_batch": config.batch_size * world * config.grad_accum, "finished": finished,
-                "steps": self.step, "train_seconds": round(self.elapsed, 1), **self.task.summary}  # fmt: skip
+        return {**(self.run_info or {}), "config": dataclasses.asdict(config), "inputs": self.inputs or {},
+                "processes": world, "global_batch": config.batch_size * world * config.grad_accum,
+                "finished": finished, "steps": self.step, "train_seconds": round(self.elapsed, 1),
+                **self.task.summary}  # fmt: skip
 
     def train_step(self, data) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the figures of the step."""
         task, config, processes = self.task, self.task.config, self.runtime.processes
         start = time.perf_counter()
         task.model.train()
+        task.before_step(self.step)
         lr = task.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals, tokens = {}, 0
         for _ in range(config.grad_accum):
             ids = processes.shard(next(data)).to(self.runtime.device)  # (B, T): this process's rows
-            with self.runtime.autocast:
+            with self.runtime.autocast, record_function("forward and loss"):  # profiler labels (benchmarks/training.py)
                 loss, figures = task.loss(ids, self.step)
-            (loss / config.grad_accum).backward()
+            with record_function("backward"):
+                (loss / config.grad_accum).backward()
             for key, value in figures.items():
                 totals[key] = totals.get(key, 0.0) + value / config.grad_accum
             tokens += ids.numel() * processes.world_size
-        processes.average_gradients(self.params)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("optimizer"):
+            processes.average_gradients(self.params)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        after = task.after_step(self.step)
+        with record_function("after step"):
+            after = task.after_step(self.step)
         seconds = time.perf_counter() - start
         self.elapsed += seconds
         figures = {key: processes.mean(value) for key, value in totals.items()}
@@ -238,23 +285,49 @@ class TrainingLoop:
         return self.save()
 
     def begin(self) -> None:
-        """Start a fresh run: write its record (main process)."""
+        """Start a fresh run: give it an identity and write its record (main process)."""
+        self.run_info = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.task.begin()
         if self.runtime.processes.is_main:
             write_json(self.record_path, self.record())
 
     @torch.no_grad()
     def save(self):
-        """The task's result, written by the main process with the finished run record; checkpoints are removed."""
+        """The task's result with the finished run record, written by the main process; returns the result.
+
+        Under :func:`train` the result is written to a stage folder, flushed, and swapped with the output folder in
+        one step (acip.folders), so that a kill leaves the output folder either as it was or complete; the work
+        folder (log, checkpoints) goes with the swap. A loop run by hand saves straight into its ``output_dir``."""
         main = self.runtime.processes.is_main
         if self.task.config.gradient_checkpointing:
             set_gradient_checkpointing(self.task.model, False)
-        result = self.task.save(self.output_dir if main else None)
-        if main:
-            write_json(self.record_path, self.record(finished=True))
-            remove_checkpoints(self.output_dir)
+        if self.folder is None:
+            result = self.task.save(self.output_dir if main else None)
+            if main:
+                write_json(self.record_path, self.record(finished=True))
+                remove_checkpoints(self.output_dir)
+        else:
+            stage = fresh_stage(self.folder.result) if main else None
+            try:
+                result = self.task.save(stage)
+                if main:
+                    self._publish(stage)
+            except BaseException:
+                if stage is not None:
+                    remove_tree(stage)
+                raise
         self.runtime.processes.wait()
         return result
+
+    def _publish(self, stage: Path) -> None:
+        """Complete the stage (log, finished record listing every file) and swap it in as the result."""
+        log = self.output_dir / self.task.log_file
+        if log.exists():
+            shutil.copy2(log, stage / log.name)
+        record = self.record(finished=True)
+        record["files"] = sorted({*tree_files(stage), self.task.record_file})
+        write_json(stage / self.task.record_file, record)
+        self.folder.publish(stage)
 
     @torch.no_grad()
     def checkpoint(self) -> Path | None:
@@ -265,7 +338,7 @@ class TrainingLoop:
         tensors, task_meta = self.task.state()
         optim, param_groups = optimizer_tensors(self.optimizer)
         meta = {"step": self.step, "elapsed": self.elapsed, "param_groups": param_groups, "task": task_meta,
-                "summary": self.task.summary}  # fmt: skip
+                "summary": self.task.summary, "run": self.run_info}  # fmt: skip
         return save_checkpoint(self.output_dir, self.step, {**rng_tensors(), **tensors, **optim}, meta)
 
     @torch.no_grad()
@@ -275,35 +348,84 @@ class TrainingLoop:
         self.task.load_state(tensors, meta["task"])
         self.task.summary = meta["summary"]
         self.step, self.elapsed = meta["step"], meta["elapsed"]
+        self.run_info = meta.get("run") or {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         load_optimizer(self.optimizer, tensors, meta["param_groups"], self.runtime.device)
         restore_rng(tensors)
         if self.runtime.processes.is_main:
             truncate_log(self.output_dir / self.task.log_file, self.step)
 
 
-def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume: bool, overwrite: bool):
-    """Run a task end to end: settings (a resumed run keeps the recorded ones), the output folder (checked before
-    anything is built, prepared after), ``build(config, runtime) -> Task``, resume or begin, train, save."""
-    runtime = Runtime()
-    processes = runtime.processes
-    config = resumed_settings(config, Path(output_dir) / record_file, resume, processes.world_size)
+def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume: bool, overwrite: bool,
+          inputs=None, compare=None):  # fmt: skip
+    """Run a task end to end: check the settings and the folders, then ``build(config, runtime) -> Task``, resume or
+    begin, train, save. Nothing is written before every check passed, and nothing deleted before the result is
+    complete (acip.folders); the output folder is locked for the whole run.
+
+    ``inputs(config) -> {argument name: value}`` checks what the run reads (raising errors that name the argument) and
+    names it; local files and folders among them must not overlap ``output_dir`` and, on resume, must be the ones the
+    run started from, unchanged. ``compare``: the settings that must equal the recorded ones on resume (default all).
+    """
+    processes = Processes()
+    main = processes.is_main
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                         "overwrite starts a new one")  # fmt: skip
+    check_output_dir(output_dir, {})
+    folder = RunFolder(output_dir, record_file)
+    compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
+
+    def settle():
+        """Every check of the run (read-only)."""
+        return _settled(config, folder, resume, overwrite, processes.world_size, compare, inputs)
+
+    if main:
+        check_not_busy(folder.result, "output_dir")  # a run in progress there: say so before anything else
+        tidy(folder.result)  # what killed processes left (only then is anything written)
+    settle()  # refuse what can be refused before anything is written, the lock file included
+    with folder_lock(folder.result) if main else nullcontext():
+        config, paths, work = settle()  # again: another process may have changed the folder meanwhile
+        runtime = Runtime(processes, config.compute_dtype)
+        task = build(config, runtime)
+        if main:
+            folder.prepare(work, resume)
+        processes.wait()
+        loop = TrainingLoop(task, folder.work, runtime)
+        loop.folder, loop.inputs = folder, {name: {"path": p, "fingerprint": fingerprint(p)} for name, p in paths.items()}
+        if resume:
+            loop.resume()
+        else:
+            loop.begin()
+        return loop.run()
+
+
+def _settled(config, folder: RunFolder, resume: bool, overwrite: bool, world_size: int, compare, inputs):
+    """Every check of a run before it starts: the settings (a resumed run's recorded ones), the inputs, and the
+    folders. Returns the settings, the local inputs (name -> absolute path) and the folder the run will live in."""
+    if resume:  # what the folder holds comes first: is there a run of this kind to resume?
+        work = folder.check(resume, overwrite)
+        config = resumed_settings(config, work / folder.record_file, resume, world_size, compare)
     config.validate()
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite, check_only=True)
-    task = build(config, runtime)
-    if processes.is_main:
-        prepare_output_dir(output_dir, resume, overwrite)
-    processes.wait()
-    loop = TrainingLoop(task, output_dir, runtime)
+    paths = local_inputs(inputs(config)) if inputs is not None else {}
+    check_output_dir(folder.result, paths)
     if resume:
-        loop.resume()
+        _same_inputs(work / folder.record_file, paths)
     else:
-        loop.begin()
-    return loop.run()
+        work = folder.check(resume, overwrite)
+    return config, paths, work
 
 
-def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int) -> TrainingConfig:
-    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes)."""
+def _same_inputs(record_path: Path, paths: dict[str, str]) -> None:
+    """A ValueError listing each input (name -> local path) that differs from those the run started from."""
+    changes = changed_inputs((read_record(record_path.parent, record_path.name) or {}).get("inputs") or {}, paths)
+    if changes:
+        raise ValueError(f"cannot resume {record_path.parent}: its inputs changed:\n  " + "\n  ".join(changes)
+                         + "\nresume with the same inputs, or start a new run with --overwrite")  # fmt: skip
+
+
+def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int,
+                     compare=()) -> TrainingConfig:  # fmt: skip
+    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes); each
+    field named in ``compare`` must equal the recorded one, or a ValueError lists every field that differs."""
     if not (resume and record_path.exists()):
         return config
     record = json.loads(record_path.read_text())
@@ -313,4 +435,14 @@ def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, wo
             f"this run was started with {started} process(es) and is resumed with {world_size}: each step's global "
             f"batch would change; resume with accelerate launch --num_processes {started}"
         )
-    return type(config)(**record["config"])
+    recorded = config_from_record(type(config), record)
+    plain = lambda value: json.loads(json.dumps(value))  # noqa: E731  (tuples and lists compare alike)
+    differing = [f"{name}: recorded {getattr(recorded, name)!r}, given {getattr(config, name)!r}" for name in compare
+                 if plain(getattr(config, name)) != plain(getattr(recorded, name))]  # fmt: skip
+    if differing:
+        raise ValueError(
+            f"cannot resume {record_path.parent} with other settings than it was started with:\n  "
+            + "\n  ".join(differing)
+            + "\nleave them out (or give the recorded values) to resume, or start a new run with --overwrite"
+        )
+    return recorded

@@ -1,8 +1,12 @@
 """The ACIP objective (arXiv 2502.01717), all in one place: what the run minimises, how the L1 weight λ grows, how
 the score map follows the masks, and when pruning stops. Edit this file to try another loss.
 
-    loss  = CE(next token) + λ(step) · Σ_layers ||relu(mask)||₁         (the L1 term in float32, as the masks are)
-    λ     = lambda_init · lambda_growth ^ (step // lambda_every)
+    loss  = (1 − α) · CE(next token) + α · T² · KL(teacher ‖ student at T) + λ(step) · Σ_layers ||relu(mask)||₁
+            (α = 0: the paper's loss; the teacher is the dense base model; every term in float32)
+    λ     = lambda_init · lambda_growth ^ g, with g = step // lambda_every ("exponential", the paper's), or ("paced")
+            every lambda_every steps g grows by one while the size ratio is above a line falling from 1 to the stop
+            ratio over pruning_steps steps, and shrinks by one while it is below: the model shrinks at an even pace
+            instead of ever faster (with AdamW a mask moves about lr per step whatever λ is; λ decides which move)
     score = mask while the mask is alive; when it dies, the (fractional) death step counted backwards
     stop  = once the size ratio of the parametrized layers reaches stop_ratio (or after max_steps steps)
 """
@@ -13,7 +17,29 @@ import torch.nn.functional as F
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy of predicting token t+1 from logits (B, T, V) at t, in float32."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    # The targets move, not the logits: slicing (B, T, V) would copy it, and its gradient would be a zero-filled copy.
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T); the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) of the next-token distributions softened by T, mean over positions, in float32.
+
+    The T² keeps the gradient's scale independent of T (Hinton et al., 2015); the last position is scored too: it
+    predicts a token the block does not hold, but the teacher still says what it would be.
+    """
+    student = F.log_softmax(logits.flatten(0, 1).float() / temperature, dim=-1)  # (B·T, V)
+    teacher = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def language_model_loss(logits, ids, teacher_logits, alpha: float, temperature: float) -> tuple[torch.Tensor, dict]:
+    """(1 − α) · CE + α · distillation (no teacher: CE alone), and its parts as numbers to log."""
+    ce = next_token_loss(logits, ids)
+    if teacher_logits is None or alpha == 0:
+        return ce, {"loss": ce.item()}
+    kd = distillation_loss(logits, teacher_logits, temperature)
+    return (1 - alpha) * ce + alpha * kd, {"loss": ce.item(), "kd": kd.item()}
 
 
 class ACIPObjective:
@@ -21,18 +47,30 @@ class ACIPObjective:
 
     def __init__(self, config):
         self.config = config
+        self.growths = 0  # times λ has grown so far: the schedule's state (checkpointed with the run)
 
-    def lam(self, step: int) -> float:
-        """λ at optimizer step ``step`` (0-based)."""
+    def lam(self, step: int | None = None) -> float:
+        """λ for optimizer step ``step`` (0-based) of the exponential schedule; the current λ without a step."""
         c = self.config
-        return c.lambda_init * c.lambda_growth ** (step // c.lambda_every)
+        growths = self.growths if step is None else step // c.lambda_every
+        return c.lambda_init * c.lambda_growth**growths
 
-    def loss(self, logits, ids, masks: list[torch.Tensor], lam: float | None) -> tuple[torch.Tensor, dict]:
-        """The loss of one micro-batch; the L1 term only while pruning (``lam`` not None)."""
-        ce = next_token_loss(logits, ids)
+    def advance(self, step: int, size_ratio: float) -> None:
+        """Move the schedule on after ``step`` pruning steps, which left the model at ``size_ratio``."""
+        c = self.config
+        if c.lambda_schedule == "exponential":
+            self.growths = step // c.lambda_every
+        elif step % c.lambda_every == 0:
+            target = 1 - (1 - c.stop_ratio) * step / c.pruning_steps  # the pace: a line from 1 to the stop ratio
+            self.growths += 1 if size_ratio > target else -1
+
+    def loss(self, logits, ids, masks: list[torch.Tensor], lam: float | None, teacher_logits=None):
+        """The loss of one micro-batch and its parts to log; the L1 term only while pruning (``lam`` not None)."""
+        c = self.config
+        loss, figures = language_model_loss(logits, ids, teacher_logits, c.distill_alpha, c.distill_temperature)
         l1 = sum(torch.relu(mask).sum() for mask in masks)  # float32, as the masks are
-        figures = {"loss": ce.item(), "l1": l1.detach().item()}
-        return (ce if lam is None else ce + lam * l1), figures
+        figures["l1"] = l1.detach().item()
+        return (loss if lam is None else loss + lam * l1), figures
 
     @staticmethod
     @torch.no_grad()

@@ -15,11 +15,13 @@ processes, checkpoints, logs, saving). Beyond the original: dead ranks are slice
 (acip.compaction), so steps get cheaper as the masks die.
 """
 
+import copy
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .base_model import DEVICE_MAPS, check_device_map, load_base_model
@@ -29,9 +31,14 @@ from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel
+from .hub.pruning import rank_cost
+from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
 from .objective import ACIPObjective
 from .records import RUN_FILE, RUN_LOG
+
+
+LAMBDA_SCHEDULES = ("exponential", "paced")
 
 
 @dataclass
@@ -42,8 +49,11 @@ class ACIPRunConfig(TrainingConfig):
     lambda_init: float = field(default=1e-3, metadata={"help": "initial weight λ of the L1 penalty on relu(mask)"})
     lambda_growth: float = field(default=1.01, metadata={"help": "λ is multiplied by this factor ..."})
     lambda_every: int = field(default=4, metadata={"help": "... every this many steps"})
+    lambda_schedule: str = field(default="exponential", metadata={"help": "exponential: λ grows every lambda_every steps (the paper's); paced: it grows only while the size ratio is above a line from 1 to stop_ratio over pruning_steps steps, so that the model shrinks at an even pace", "choices": LAMBDA_SCHEDULES})
+    pruning_steps: int = field(default=0, metadata={"help": "paced λ schedule: the steps in which the size ratio should reach stop_ratio"})
     stop_ratio: float = field(default=0.4, metadata={"help": "stop pruning once the size ratio of the parametrized layers reaches this, in (0, 1)"})
     post_tune_steps: int = field(default=1000, metadata={"help": "LoRA-only steps with frozen masks after the stop ratio"})
+    post_tune_sizes: str = field(default="stop", metadata={"help": "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any (each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])"})
     max_steps: int = field(default=20000, metadata={"help": "give up pruning after this many steps (the run still saves)"})
     mask_constant: float = field(default=2e-2, metadata={"help": "initial (and live) mask value c"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": "linear layers to parametrize (peft convention)"})
@@ -68,10 +78,31 @@ class ACIPRunConfig(TrainingConfig):
         for name in ("lambda_init", "mask_constant"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(f"lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {self.lambda_schedule!r}")
+        if self.lambda_schedule == "paced" and not self.pruning_steps >= 1:
+            raise ValueError(f"pruning_steps must be >= 1 with lambda_schedule='paced', got {self.pruning_steps!r}")
         if not self.lambda_growth >= 1:
             raise ValueError(f"lambda_growth must be >= 1, got {self.lambda_growth!r}")
         if not self.post_tune_steps >= 0:
             raise ValueError(f"post_tune_steps must be >= 0, got {self.post_tune_steps!r}")
+        self.post_tune_range()
+
+    def post_tune_range(self) -> tuple[float, float] | None:
+        """The range of size ratios post-tuning draws from, or None to post-tune at the stop ratio only."""
+        if self.post_tune_sizes == "stop":
+            return None
+        if self.post_tune_sizes == "any":
+            return self.stop_ratio, 1.0
+        low, _, high = str(self.post_tune_sizes).partition(":")
+        try:
+            low, high = float(low), float(high)
+        except ValueError:
+            low = high = float("nan")
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"post_tune_sizes must be 'stop', 'any' or LOW:HIGH with 0 < LOW <= HIGH <= 1, got "
+                             f"{self.post_tune_sizes!r}")  # fmt: skip
+        return low, high
 
 
 PRESETS = {
@@ -123,6 +154,7 @@ class ACIPTask(Task):
                 base_model.to(runtime.device)
         runtime.device = base_model.get_input_embeddings().weight.device  # where the input ids go
         self.tokenizer = tokenizer
+        self.teacher = frozen_teacher(base_model, runtime) if config.distill_alpha > 0 else None
         self.acip_model = parametrize(
             base_model, config.basis, self._calibration(), config.target_modules, config.exclude_modules,
             config.mask_constant,
@@ -174,10 +206,22 @@ class ACIPTask(Task):
         """Dead ranks are sliced out of the layers and of the optimizer state as they die."""
         self.compactor = RankCompactor(self.layers, optimizer)
 
+    def before_step(self, step: int) -> None:
+        """Post-tuning at any size: prune to this step's ratio (drawn from the configured range, seeded by step)."""
+        sizes = self.config.post_tune_range()
+        if not self.pruning and sizes is not None:
+            ratio = np.random.default_rng([self.config.seed, step]).uniform(*sizes)
+            self.acip_model.prune_model_by_score(compression_ratio=float(ratio))
+
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """The objective on one micro-batch: with the L1 term while pruning."""
+        """The objective on one micro-batch: with the L1 term while pruning, distilled when there is a teacher."""
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
         logits = self.model(input_ids=ids).logits  # (B, T, V)
-        return self.objective.loss(logits, ids, self.masks, self.objective.lam(step) if self.pruning else None)
+        lam = self.objective.lam() if self.pruning else None
+        return self.objective.loss(logits, ids, self.masks, lam, teacher_logits)
 
     def after_step(self, step: int) -> dict:
         """Scores follow the masks, dead ranks are sliced out, and pruning stops at the stop ratio."""
@@ -190,10 +234,22 @@ class ACIPTask(Task):
         self.summary["pruning_steps"] = step
         computed = self.compactor.computed_fraction()
         self.compactor.compact_dead()
+        lam = self.objective.lam()  # the λ of the step just taken
+        self.objective.advance(step, self._projected_ratio())
         if self.objective.stop(ratio, step):
             self._freeze_masks()
-        return {"phase": "prune", "lambda": self.objective.lam(step - 1), "size_ratio": ratio,
-                "computed_ranks": computed}  # fmt: skip
+        return {"phase": "prune", "lambda": lam, "size_ratio": ratio, "computed_ranks": computed}
+
+    def _projected_ratio(self) -> float:
+        """The size ratio once every mask that has lost half its value is gone: masks fall about lr per step, so this
+        leads the size ratio by c / (2 lr) steps (what a paced λ schedule steers by)."""
+        c = self.config.mask_constant
+        total = fixed = 0
+        for layer in self.layers.values():
+            kept = int((layer.mask.detach() > c / 2).sum())
+            total += layer.in_features * layer.out_features
+            fixed += rank_cost(kept, layer.in_features, layer.out_features)
+        return fixed / total
 
     def _freeze_masks(self) -> None:
         """End pruning: the masks stop training (their optimizer group gets no gradients) and every dead rank goes."""
@@ -202,7 +258,10 @@ class ACIPTask(Task):
         self.pruning = False
         for mask in self.masks:
             mask.requires_grad_(False)
-        self.compactor.compact_dead(force=True)
+        if self.config.post_tune_range() is None:
+            self.compactor.compact_dead(force=True)
+        else:  # every size is post-tuned: every rank must be computable again
+            self.compactor.restore(keep_optimizer_state=True)
 
     def phase(self, step: int) -> tuple[str, int, int | None]:
         """Pruning (open-ended), then LoRA post-tuning."""
@@ -233,7 +292,8 @@ class ACIPTask(Task):
             tensors[f"alive.{name}"] = self.compactor.alive[name]
             tensors[f"score.{name}"] = layer.score
         tensors.update({f"lora.{name}": p for name, p in self._unsliced_lora().items()})
-        return tensors, {"pruning": self.pruning, "fingerprint": self.fingerprint}
+        return tensors, {"pruning": self.pruning, "fingerprint": self.fingerprint,
+                         "lambda_growths": self.objective.growths}  # fmt: skip
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Bring a freshly built task to a checkpoint's state (before the optimizer state is loaded)."""
@@ -251,7 +311,7 @@ class ACIPTask(Task):
             keep = torch.zeros(self.compactor.full_rank[name], dtype=torch.bool)
             keep[tensors[f"alive.{name}"]] = True
             self.compactor.compact(name, keep)
-        self.pruning = meta["pruning"]
+        self.pruning, self.objective.growths = meta["pruning"], meta["lambda_growths"]
         for mask in self.masks:
             mask.requires_grad_(self.pruning)
 
@@ -269,15 +329,36 @@ class ACIPTask(Task):
         return model
 
 
+def frozen_teacher(base_model, runtime):
+    """A frozen copy of the dense base model, in the dtype the run computes in, for distillation.
+
+    The student's layers are factorized and their dead ranks sliced out while it trains, so it cannot stand in for
+    the base model; a copy in bf16 (where the run computes in bf16) costs half the base model's memory.
+    """
+    return copy.deepcopy(base_model).to(runtime.compute_dtype).eval().requires_grad_(False)
+
+
 def run_acip(config: ACIPRunConfig, output_dir, *, resume=False, overwrite=False, base_model=None, tokenizer=None):
     """Run ACIP end to end and return the saved full ACIP model (also written to ``output_dir``).
 
-    ``resume`` continues a killed run from its last checkpoint (with the settings it was started with);
-    ``overwrite`` replaces a previous run in ``output_dir``. A folder holding another run is refused otherwise.
+    ``resume`` continues a killed run from its last checkpoint; ``config`` must then hold the settings it was started
+    with (a ValueError lists every field that differs). ``overwrite`` replaces a folder an earlier acip command
+    wrote, once the new run is complete (docs/guarantees.md); any other non-empty folder is refused.
     ``base_model``/``tokenizer`` replace loading ``config.base_model`` (for tests and notebooks).
     """
 
     def build(config, runtime):
+        """The task, its model loaded."""
         return ACIPTask(config, runtime, base_model, tokenizer)
 
-    return train(build, config, output_dir, RUN_FILE, resume=resume, overwrite=overwrite)
+    def inputs(config):
+        """What the run reads, checked (nothing loaded)."""
+        if base_model is None:
+            check_model_source("base_model", config.base_model, builtin=(DEFAULT_MODEL,))
+        check_data_source("data", config.data)
+        if config.basis == "whitened" and config.calibration_data is not None:
+            check_data_source("calibration_data", config.calibration_data)
+        named = {"data": config.data, "calibration_data": config.calibration_data}
+        return {**named, "base_model": config.base_model} if base_model is None else named
+
+    return train(build, config, output_dir, RUN_FILE, resume=resume, overwrite=overwrite, inputs=inputs)

@@ -1,49 +1,145 @@
-"""Held-out perplexity against size: ACIP (quick preset, SmolLM2-135M) vs SVD truncation of the same base model.
+"""Held-out perplexity against size for ACIP runs of the quick preset on SmolLM2-135M, and the peer baseline.
 
-Uses the ACIP model in --model-dir, or runs `acip compress --preset quick` there first (about 14 min on 2 cores).
-Every method is scored on the same windows of each text (built-in Wikipedia validation split and Lee news). Prints
-the perplexity table, then PPL(ACIP) / PPL(SVD) at 0.9 ... 0.5 for both SVD baselines (below 1 = ACIP better), and
-writes eval_perplexity.{json,csv,png} into the model folder (the README's plot).
+Each configuration is one ACIP run (``acip compress --preset quick`` with some fields changed), evaluated at every
+ratio on the same windows of the built-in Wikipedia validation split and the Lee news corpus (16 windows of 512
+tokens each, float32). Runs, their wall-clock and their evaluation are kept under --root and reused, so the table can
+be built over several sittings (every run takes minutes to a quarter of an hour on 2 cores).
 
-    python benchmarks/quality.py [--model-dir runs/quality] [--max-blocks 16]
+The peer baseline is SVD-LLM's recipe: the whitened uniform truncation (every layer keeps the same share of its
+rank, largest whitened singular values first) at one size, then a LoRA fine-tune (acip finetune) of as many training
+tokens as the ACIP run it is compared with: one fine-tune per size, where ACIP serves every size from one run.
+
+    python benchmarks/quality.py                      # every run below, then the table
+    python benchmarks/quality.py --runs today new     # some of them
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+import torch
+
 from acip import preset, run_acip
-from acip.evaluation import DEFAULT_DATA, evaluate_perplexity
-from acip.report import write_report
+from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
+from acip.finetune import FinetuneConfig, finetune
 from acip.records import RUN_FILE
+from acip.report import write_report
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-COMPARED = (0.9, 0.8, 0.7, 0.6, 0.5)
+# The quick preset as it was on 2026-11-25 (float32 compute), the reference of issue 16.
+TODAY = dict(compute_dtype="float32", lambda_init=5e-3, lambda_growth=1.035, post_tune_steps=60,
+             post_tune_sizes="stop", distill_alpha=0.0, lora_dropout=0.05)  # fmt: skip
+RUNS = {
+    "today": TODAY,
+    "bf16": {**TODAY, "compute_dtype": "auto"},
+    "bf16+any-size": {**TODAY, "compute_dtype": "auto", "post_tune_sizes": "any"},
+    "bf16+distill": {**TODAY, "compute_dtype": "auto", "distill_alpha": 0.5},
+    "bf16+slow-lambda": {**TODAY, "compute_dtype": "auto", "lambda_growth": 1.0175},
+    "new": {},  # the quick preset as it is now
+    "new@0.8": {"stop_ratio": 0.8},
+    "new@0.5": {"stop_ratio": 0.5},
+}
+PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
+PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
+
+
+def acip_run(name: str, root: Path, max_blocks: int) -> dict:
+    """The ACIP run ``name`` (trained unless on disk) and its perplexity at every ratio."""
+    folder = root / name
+    result_file = folder / "bench.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    config = preset("quick", **RUNS[name])
+    start = time.perf_counter()
+    run_acip(config, folder, overwrite=True)
+    wall = time.perf_counter() - start
+    record = json.loads((folder / RUN_FILE).read_text())
+    report = evaluate_perplexity(folder, DEFAULT_DATA, RATIOS, max_blocks=max_blocks)
+    write_report(report, folder)
+    result = {"wall_seconds": wall, "train_seconds": record["train_seconds"], "steps": record["steps"],
+              "tokens": record["steps"] * record["global_batch"] * config.block_size,
+              "perplexity": {data: {repr(r): p for r, p in by["ACIP"].items()} for data, by in report.results.items()}}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def peer_run(name: str, root: Path, tokens: int, max_blocks: int) -> dict:
+    """Whitened uniform truncation to one ratio, fine-tuned with ``tokens`` training tokens (unless on disk)."""
+    folder = root / name
+    result_file = folder / "bench.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    from transformers import AutoTokenizer
+
+    from acip.build import parametrize
+    from acip.data import TrainBatches
+    from acip.default_model import load_default_model
+
+    ratio = PEERS[name]
+    start = time.perf_counter()
+    base, tokenizer = load_default_model(torch.float32)
+    quick = preset("quick")
+    calibration = next(TrainBatches(quick.data, tokenizer, quick.calibration_block_size, quick.calibration_blocks,
+                                    quick.seed).batches())  # fmt: skip  (as the ACIP run draws it)
+    model = parametrize(base, "whitened", calibration)
+    model.score_map = uniform_scores(model)
+    model.save_pretrained(folder / "truncated")
+    tokenizer.save_pretrained(folder / "truncated")
+    steps = max(1, round(tokens / (4 * 128)))
+    tune = FinetuneConfig(ratio=ratio, steps=steps, block_size=128, batch_size=4, eval_blocks=0, checkpoint_every=0)
+    tuned = finetune(folder / "truncated", folder / "tuned", tune, overwrite=True)
+    wall = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tuned")
+    from acip.data import load_blocks
+
+    by_data = {}
+    for data in DEFAULT_DATA:
+        windows = load_blocks(data, tokenizer, 512, max_blocks)
+        by_data[data] = {repr(ratio): perplexity(tuned.float(), windows, desc=f"{name}, {data}")}
+    result = {"wall_seconds": wall, "steps": steps, "tokens": steps * 4 * 128, "perplexity": by_data}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    """Perplexity per ratio and text, one row per run, with its wall-clock and training tokens."""
+    lines = []
+    for data in DEFAULT_DATA:
+        lines.append(f"\n{data} (perplexity, 16 windows of 512 tokens)")
+        lines.append(f"{'run':<18}{'wall s':>8}{'tokens':>9}" + "".join(f"{r:>9.1f}" for r in RATIOS))
+        for name, result in results.items():
+            ppl = result["perplexity"][data]
+            cells = "".join(f"{ppl[repr(r)]:>9.2f}" if repr(r) in ppl else f"{'':>9}" for r in RATIOS)
+            lines.append(f"{name:<18}{result['wall_seconds']:>8.0f}{result['tokens']:>9}{cells}")
+    if "today" in results:
+        lines.append("\nperplexity / today's (below 1 = better)")
+        for data in DEFAULT_DATA:
+            today = results["today"]["perplexity"][data]
+            for name, result in results.items():
+                ppl = result["perplexity"][data]
+                cells = "".join(f"{ppl[repr(r)] / today[repr(r)]:>9.3f}" if repr(r) in ppl else f"{'':>9}"
+                                for r in RATIOS)  # fmt: skip
+                lines.append(f"{data[:8] + ' ' + name:<35}{cells}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default="runs/quality", help="ACIP model to evaluate (made if missing)")
+    parser.add_argument("--root", default="runs/quality", help="where runs and their results are kept")
+    parser.add_argument("--runs", nargs="+", default=[*RUNS, *PEERS], choices=[*RUNS, *PEERS])
     parser.add_argument("--max-blocks", type=int, default=16, help="windows of 512 tokens per text")
     args = parser.parse_args()
-
-    if not (Path(args.model_dir) / RUN_FILE).exists():
-        start = time.perf_counter()
-        run_acip(preset("quick"), args.model_dir)
-        print(f"ACIP run (quick preset): {time.perf_counter() - start:.0f} s")
-    start = time.perf_counter()
-    report = evaluate_perplexity(args.model_dir, DEFAULT_DATA, RATIOS, max_blocks=args.max_blocks, baselines=True)
-    print(f"evaluation: {time.perf_counter() - start:.0f} s")
-    print(report.table())
-    for data, by_method in report.results.items():
-        print(f"\nPPL(ACIP) / PPL(SVD) on {data}")
-        baselines = {m: ppl for m, ppl in by_method.items() if m != "ACIP"}
-        print(f"{'ratio':>6}" + "".join(f"{m:>14}" for m in baselines))
-        for ratio in COMPARED:
-            acip = by_method["ACIP"][ratio]
-            print(f"{ratio:>6.2f}" + "".join(f"{acip / ppl[ratio]:>14.2e}" for ppl in baselines.values()))
-    paths = write_report(report, args.model_dir)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    root = Path(args.root)
+    results = {}
+    for name in args.runs:
+        if name in RUNS:
+            results[name] = acip_run(name, root, args.max_blocks)
+        else:
+            tokens = acip_run(PEER_TOKENS_OF, root, args.max_blocks)["tokens"]
+            results[name] = peer_run(name, root, tokens, args.max_blocks)
+        print(f"{name}: {results[name]['wall_seconds']:.0f} s", flush=True)
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models: one thread is faster than two (no thread start-up per op) and keeps the suite's time steady when the
+# machine is busy, where oversubscribed threads spin; child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 VOCAB = 96
 

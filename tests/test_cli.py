@@ -1,11 +1,15 @@
-"""The acip command (acip/cli.py): help texts, and acip eval writing its report next to the model."""
+"""The acip command (acip/cli.py): help texts, acip eval writing its report next to the model, and resuming a run with
+no other option."""
 
 import csv
+import dataclasses
+import json
 
 import pytest
-from conftest import save_tiny_run, words_file
+from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, words_file
 
 from acip.cli import main
+from acip.training import ACIPRunConfig, ACIPTask, run_acip
 
 
 def test_cli_help(capsys):
@@ -30,3 +34,30 @@ def test_eval_prints_the_table_and_writes_csv_json_png_next_to_the_model(tmp_pat
 def test_eval_refuses_bad_ratios_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"ratios must lie in \(0, 1\], got 1.5"):
         main(["eval", str(tmp_path / "missing"), "--ratios", "1.5"])
+
+
+@pytest.mark.slow
+def test_compress_resume_with_no_other_option_continues_with_the_recorded_settings(tmp_path, monkeypatch, capsys):
+    """README: `acip compress --output-dir runs/demo --resume` continues a killed run as it was started."""
+    base = tmp_path / "base"
+    tiny_base_model().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    config = ACIPRunConfig(data=words_file(tmp_path / "words.txt", 2000), base_model=str(base), block_size=16,
+                           batch_size=2, lr=1e-2, lambda_init=1e-2, lambda_growth=1.3, lambda_every=1, stop_ratio=0.8,
+                           post_tune_steps=1, checkpoint_every=1, lora_r=2, lora_alpha=4, basis="weight")  # fmt: skip
+    loss = ACIPTask.loss
+
+    def killed_in_step_2(self, ids, step):
+        if step == 1:
+            raise KeyboardInterrupt("killed")
+        return loss(self, ids, step)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(ACIPTask, "loss", killed_in_step_2)
+        run_acip(config, tmp_path / "run")
+    main(["compress", "--output-dir", str(tmp_path / "run"), "--resume"])
+    assert f"saved {tmp_path / 'run'}" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "acip_run.json").read_text())
+    assert record["finished"] and record["config"] == dataclasses.asdict(config)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, record["steps"] + 1)) and record["steps"] >= 2

@@ -76,3 +76,21 @@ def test_full_view_matches_restore():
     compactor.restore()
     for key, tensor, _ in rank_slots(layer):
         assert torch.equal(full[key], tensor)
+
+
+def test_restore_can_keep_the_optimizer_state_of_the_computed_ranks():
+    model, peft_model, layers, optimizer = _lora_model()
+    peft_model(input_ids=token_ids(), labels=token_ids()).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    name, layer = next(iter(layers.items()))
+    moments = optimizer.state[layer.mask]["exp_avg"].clone()
+    compactor = RankCompactor(layers, optimizer)
+    keep = torch.ones(layer.rank, dtype=torch.bool)
+    keep[[1, 4]] = False
+    compactor.compact(name, keep)
+    compactor.restore(keep_optimizer_state=True)
+    restored = optimizer.state[layer.mask]["exp_avg"]
+    assert restored.shape == moments.shape
+    assert torch.equal(restored[keep], moments[keep]) and not restored[~keep].any()
+    optimizer.step()  # the widened state fits the full-rank tensors again

@@ -24,7 +24,7 @@ from acip.training import ACIPRunConfig, ACIPTask, run_acip
 REPO = Path(__file__).resolve().parents[1]
 RUN = dict(block_size=32, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1, stop_ratio=0.5,
            post_tune_steps=3, max_steps=200, checkpoint_every=0, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-           basis="weight")  # fmt: skip
+           basis="weight", compute_dtype="float32")  # fmt: skip  (bf16 rounding would blur the comparison)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,8 @@ def test_two_processes_fine_tune_like_one_process_with_twice_the_batch(base, tmp
     acip_dir, _ = save_tiny_run(tmp_path)
     words = base[1]
     settings = dict(ratio=0.6, data=words, eval_data=words, eval_blocks=2, eval_block_size=32, block_size=32, steps=6,
-                    warmup_steps=2, lr=1e-3, lora_r=4, lora_dropout=0.0, checkpoint_every=0)  # fmt: skip
+                    warmup_steps=2, lr=1e-3, lora_r=4, lora_dropout=0.0, checkpoint_every=0,
+                    compute_dtype="float32")  # fmt: skip
     two = str(tmp_path / "two")
     launch_two("finetune", str(acip_dir), *options(settings), "--batch-size", "2", "--output-dir", two)
     finetune(acip_dir, tmp_path / "one", FinetuneConfig(**settings, batch_size=4))

@@ -1,9 +1,11 @@
 """acip export and push (acip/export.py): the folder's files and model card, its offline check in a fresh process,
 the compressed export's size, refusals that leave folders alone, and the push path up to huggingface_hub."""
 
+import hashlib
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -15,11 +17,13 @@ import acip.export as export
 from acip import ACIPModel
 from acip.cli import main
 from acip.export import ExportError, check_folder, export_model, push_to_hub
-from acip.report import PerplexityReport, write_report
+from acip.finetune import FinetuneConfig
+from acip.report import PerplexityReport, read_report, write_report
 
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py")
+HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
 EXPORTED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "requirements.txt", "README.md", "eval_perplexity.png")  # fmt: skip
+                  "tokenizer_config.json", "requirements.txt", "README.md", "eval_perplexity.png",
+                  "acip_export.json")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,10 @@ def test_exported_folders_hold_every_file_and_a_filled_model_card(exported):
         assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in text
         assert "| dense base model | 11.50 |" in text and "| 0.50 | 67.89 |" in text  # the measured table
         assert "](eval_perplexity.png)" in text
+        record = json.loads((folder / "acip_export.json").read_text())
+        assert record["repo_id"] == repo_id and set(record["files"]) == {
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+        }
     assert "prune_model_by_score(compression_ratio=0.5)" in (full / "README.md").read_text()
     assert "model.prune_model_by_score(" not in (small / "README.md").read_text()  # compressed: nothing to prune
 
@@ -129,18 +137,71 @@ def test_export_refusals_leave_folders_alone(exported, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left behind
 
 
+def hashes(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
 def test_a_folder_that_fails_its_check_is_not_exported_and_the_old_one_stays(exported, tmp_path, monkeypatch):
-    acip_dir, _, _ = exported
+    acip_dir, full, _ = exported
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous export")
+    shutil.copytree(full, out)  # an earlier export
+    before = hashes(out)
     failing = tmp_path / "fail.py"
     failing.write_text("import sys; sys.exit('simulated load failure')")
     monkeypatch.setattr(export, "CHECK_SCRIPT", failing)
     with pytest.raises(ExportError, match="simulated load failure"):
         export_model(acip_dir, out, license="mit", overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert hashes(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.acip-lock"]  # no stage left
+
+
+def test_overwrite_swaps_in_the_new_export_and_clears_what_killed_exports_left(exported, tmp_path):
+    acip_dir, full, _ = exported
+    out = tmp_path / "out"
+    shutil.copytree(full, out)  # an earlier, prunable export
+    (tmp_path / ".out.export-999999999").mkdir()  # an export killed before acip had swaps (issue 14)
+    (tmp_path / ".out.acip-save").mkdir()  # an export killed while writing its new folder
+    (tmp_path / "mine.txt").write_text("the user's")
+    export_model(acip_dir, out, license="mit", ratio=0.5, overwrite=True, validate=False)
+    assert ACIPModel.from_pretrained(out).config.compressed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.acip-lock", "mine.txt", "out"]
+
+
+def test_the_repository_requirements_are_what_an_export_writes():
+    root_requirements = Path(__file__).parents[1] / "requirements.txt"
+    assert root_requirements.read_text() == export.requirements_text() == "\n".join(export.HUB_REQUIREMENTS) + "\n"
+
+
+def test_exported_files_name_no_local_path(exported, tmp_path, capsys):
+    """A fine-tuned model whose records and config name local folders and files: the export carries their names."""
+    acip_dir, _, _ = exported
+    tuned = tmp_path / "private" / "tuned"
+    shutil.copytree(acip_dir, tuned)
+    config = json.loads((tuned / "config.json").read_text())
+    config["base_model_name_or_path"] = config["text_config"]["_name_or_path"] = str(tmp_path / "private" / "llama")
+    (tuned / "config.json").write_text(json.dumps(config))
+    data = str(tmp_path / "private" / "corpus.txt")
+    (tuned / "finetune_run.json").write_text(json.dumps({
+        "config": {**FinetuneConfig(ratio=0.5, data=data, eval_data=data).__dict__}, "finished": True, "steps": 3,
+        "size_ratio": 0.5, "model": str(acip_dir), "base_model": str(tmp_path / "private" / "llama"),
+        "inputs": {"model_dir": {"path": str(acip_dir), "fingerprint": {}}},
+    }))  # fmt: skip
+    report = read_report(tuned)
+    report.model, report.windows = str(tuned), {data: 4}
+    report.results, report.dense = {data: report.results["wiki-validation"]}, {}
+    write_report(report, tuned)
+    out = tmp_path / "out"
+    main(["export", str(tuned), str(out), "--license", "mit", "--no-validate"])
+    printed = capsys.readouterr().out
+    assert "local paths replaced" in printed and "config.json: base_model_name_or_path -> 'llama'" in printed
+    assert "finetune_run.json: config.data -> 'corpus.txt'" in printed
+    assert str(tmp_path) not in printed.split("local paths replaced")[1]  # it says where, not what the paths were
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert str(tmp_path).encode() not in path.read_bytes(), path.name
+    card = (out / "README.md").read_text()
+    assert "`llama`" in card and "corpus.txt" in card
 
 
 class FakeHfApi:

@@ -122,6 +122,13 @@ def test_resumed_finetune_ends_like_an_uninterrupted_one(tiny_run, tmp_path):
     assert run("resumed")["perplexity_before"] == run("straight")["perplexity_before"]
 
 
+def test_distilled_finetune_learns_from_the_base_model(tiny_run, tmp_path):
+    finetune(tiny_run[0], tmp_path / "kd", tiny_config(tiny_run, steps=8, distill_alpha=1.0, distill_temperature=2.0))
+    log = [json.loads(line) for line in (tmp_path / "kd" / "finetune_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and all(r["kd"] >= 0 for r in log)
+    assert sum(r["kd"] for r in log[-3:]) < sum(r["kd"] for r in log[:3])  # the student moves toward the teacher
+
+
 def test_finetune_errors(tiny_run, tmp_path):
     acip_dir = tiny_run[0]
     with pytest.raises(ValueError, match="ratio must be in"):

@@ -118,11 +118,44 @@ def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path):
     assert lines("resumed") == lines("straight")
 
 
+def test_paced_lambda_steers_by_the_projected_size(corpus, tmp_path):
+    config = tiny_config(corpus, lambda_schedule="paced", pruning_steps=40, lambda_growth=1.2, post_tune_steps=1)
+    run_tiny(config, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    pruning = [r for r in log if r["phase"] == "prune"]
+    assert pruning[-1]["size_ratio"] <= 0.5
+    lams = [r["lambda"] for r in pruning]
+    # λ grows while no mask has gone halfway, then falls once they have (ahead of the pace) before any has died.
+    falls = [i for i, (a, b) in enumerate(zip(lams, lams[1:])) if b < a]
+    assert falls and lams[falls[0]] > lams[0] and pruning[falls[0]]["size_ratio"] == 1.0
+
+
+def test_any_size_post_tuning_with_distillation(corpus, tmp_path):
+    config = tiny_config(corpus, post_tune_sizes="any", post_tune_steps=6, distill_alpha=0.5, distill_temperature=2.0,
+                         checkpoint_every=2)  # fmt: skip  (checkpoints in both phases)
+    model = run_tiny(config, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    post = [r for r in log if r["phase"] == "post-tune"]
+    sizes = [r["size_ratio"] for r in post]
+    assert len(post) == 6 and len(set(sizes)) == 6 and 0.5 <= min(sizes) and max(sizes) <= 1.0
+    assert all("kd" in r and r["kd"] >= 0 for r in log)
+    assert model.get_size_ratio() == 1.0  # saved unpruned
+    pruned = [r for r in log if r["phase"] == "prune"]
+    assert pruned[-1]["size_ratio"] <= 0.5
+
+
 def test_run_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="stop_ratio"):
         run_tiny(tiny_config(corpus, stop_ratio=1.0), tmp_path / "a")
     with pytest.raises(ValueError, match="stop_ratio"):
         run_tiny(tiny_config(corpus, stop_ratio=0), tmp_path / "a")
+    for sizes in ("some", "0.2:0.1", "0:1", "0.5:1.5"):
+        with pytest.raises(ValueError, match="post_tune_sizes"):
+            run_tiny(tiny_config(corpus, post_tune_sizes=sizes), tmp_path / "a")
+    with pytest.raises(ValueError, match="distill_alpha"):
+        run_tiny(tiny_config(corpus, distill_alpha=1.5), tmp_path / "a")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        run_tiny(tiny_config(corpus, compute_dtype="float16"), tmp_path / "a")
     with pytest.raises(ValueError, match="no linear layer"):
         run_tiny(tiny_config(corpus, exclude_modules=".*"), tmp_path / "b")
     empty = tmp_path / "empty.txt"

@@ -1,0 +1,74 @@
+"""Checking what a command reads before it writes anything: models, data sources, and which of them are local paths.
+
+Each check raises an error that names the argument (``base_model``, ``model_dir``, ``data``...) and says what is
+allowed; none of them loads a model or opens a data set.
+"""
+
+import glob
+import os
+import re
+from pathlib import Path
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model or data string names something on this machine rather than a Hub repository or a built-in
+    name: it exists here, is absolute, starts with ``.`` or ``~``, or has more than one ``/``."""
+    value = os.fspath(value)
+    if os.path.exists(value) or os.path.isabs(value) or value.startswith((".", "~")) or "\\" in value:
+        return True
+    return value.count("/") > 1
+
+
+def check_model_source(name: str, value, builtin: tuple[str, ...] = ()) -> None:
+    """A model named by ``value``: a built-in name, a local folder holding config.json, or a Hub id ``org/name``."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a model folder or a Hub id (org/name), got {value!r}")
+    value = os.fspath(value)
+    if value in builtin:
+        return
+    if is_local_path(value):
+        check_model_dir(name, value)
+    elif not HUB_ID.fullmatch(value) or ".." in value:
+        raise ValueError(f"{name} must be a model folder or a Hub id (org/name), got {value!r}")
+
+
+def check_model_dir(name: str, value) -> Path:
+    """A local folder holding a saved model (config.json); returns it as a Path."""
+    path = Path(os.path.expanduser(os.fspath(value)))
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such folder {os.fspath(value)!r}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{name} must be a folder holding a saved model, got the file {os.fspath(value)!r}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{name}: {os.fspath(value)!r} is not a saved model (no config.json)")
+    return path
+
+
+def check_data_source(name: str, value) -> None:
+    """A text source: a built-in corpus, ``hf:NAME[:CONFIG[:SPLIT]]``, or an existing file (or glob of files)."""
+    from .data import CORPORA
+
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a built-in corpus ({', '.join(CORPORA)}), a file or hf:NAME, got {value!r}")
+    spec = os.fspath(value)
+    if spec in CORPORA:
+        return
+    if spec.startswith("hf:"):
+        if not spec[3:].split(":")[0] or spec.count(":") > 3:
+            raise ValueError(f"{name} must be hf:NAME[:CONFIG[:SPLIT]], got {spec!r}")
+        return
+    if os.path.isdir(spec):
+        raise IsADirectoryError(f"{name}: {spec!r} is a folder; pass a file, or a glob such as {spec}/*.txt")
+    if not (os.path.isfile(spec) or glob.glob(spec)):
+        raise FileNotFoundError(
+            f"{name}: no such file {spec!r} (a data source is a built-in corpus ({', '.join(CORPORA)}), an existing "
+            "file or glob of files, or hf:NAME[:CONFIG[:SPLIT]])"
+        )
+
+
+def local_inputs(inputs: dict[str, object]) -> dict[str, str]:
+    """The inputs (name -> value) that are existing local files or folders, as absolute paths."""
+    return {name: os.path.abspath(os.fspath(value)) for name, value in inputs.items()
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(value)}  # fmt: skip

@@ -1,0 +1,466 @@
+"""Bad input to the public API and the command line (compress, eval, finetune, export): each case is refused with an
+error of the expected type whose message names the argument, and nothing changes: neither the model given nor any
+file of any folder involved (every folder of the test's tree is listed and hashed before and after)."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import types
+
+import pytest
+import torch
+from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, words_file
+
+from acip import ACIPModel
+from acip.cli import main
+from acip.export import export_model
+from acip.finetune import FinetuneConfig, FinetuneTask, finetune
+from acip.records import RUN_FILE
+from acip.training import ACIPRunConfig, ACIPTask, run_acip
+
+RUN = dict(block_size=16, batch_size=2, lr=1e-3, lambda_init=1e-2, lambda_growth=1.1, lambda_every=1,
+           stop_ratio=0.5, post_tune_steps=2, max_steps=50, checkpoint_every=1, lora_r=2, lora_alpha=4,
+           basis="weight")  # fmt: skip
+TUNE = dict(ratio=0.6, block_size=16, batch_size=2, steps=6, eval_blocks=0, lora_r=2, lora_alpha=4,
+            checkpoint_every=1)  # fmt: skip
+
+
+def killed_in_step_2(task_class):
+    """Make ``task_class`` raise inside its second step, after the checkpoint of step 1 (as a kill would stop it)."""
+    loss = task_class.loss
+
+    def dying(self, ids, step):
+        if step == 1:
+            raise KeyboardInterrupt("killed")
+        return loss(self, ids, step)
+
+    return pytest.MonkeyPatch.context(), dying
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The folders the cases act on: a base model, an ACIP model, a compressed one, a copy, a user's folder, a text
+    file, an ACIP run and a fine-tuning run both killed after a checkpoint (resumable)."""
+    root = tmp_path_factory.mktemp("bad_input")
+    acip_dir, base_dir = save_tiny_run(root)
+    words = words_file(root / "words.txt", 3000)
+    ACIPModel.from_pretrained(acip_dir).prune_model_by_score(0.5).compress().save_pretrained(root / "compressed")
+    tiny_tokenizer().save_pretrained(root / "compressed")
+    shutil.copytree(acip_dir, root / "other")
+    shutil.copytree(acip_dir, root / "tuned_from")
+    (root / "user" / "sub").mkdir(parents=True)
+    (root / "user" / "notes.txt").write_text("the user's notes")
+    (root / "user" / "sub" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
+    run_config = ACIPRunConfig(**RUN, data=words, base_model=str(base_dir))
+    tune_config = FinetuneConfig(**TUNE, data=words)
+    tiny = {"base_model": tiny_base_model(), "tokenizer": tiny_tokenizer()}
+    for task_class, start in (
+        (ACIPTask, lambda: run_acip(run_config, root / "run", **tiny)),
+        (FinetuneTask, lambda: finetune(root / "tuned_from", root / "tuning", tune_config)),
+    ):
+        patch, dying = killed_in_step_2(task_class)
+        with patch as monkeypatch, pytest.raises(KeyboardInterrupt):
+            monkeypatch.setattr(task_class, "loss", dying)
+            start()
+    for name in ("tuned_from", "acip"):  # lock files, as earlier acip commands that wrote these folders left them
+        (root / f".{name}.acip-lock").touch()
+    model = tiny_base_model()
+    return types.SimpleNamespace(root=root, acip=acip_dir, base=base_dir, words=words, model=model,
+                                 run_config=run_config, tune_config=tune_config)  # fmt: skip
+
+
+def compress(env, output, resume=False, overwrite=False, **settings):
+    """run_acip on the tiny in-memory base model (whose weights must not change)."""
+    config = ACIPRunConfig(**{**RUN, "data": env.words, **settings})
+    run_acip(config, output, resume=resume, overwrite=overwrite, base_model=env.model, tokenizer=tiny_tokenizer())
+
+
+def tune(env, model_dir, output, resume=False, overwrite=False, **settings):
+    """finetune with the tiny settings."""
+    finetune(model_dir, output, FinetuneConfig(**{**TUNE, "data": env.words, **settings}), resume=resume,
+             overwrite=overwrite)  # fmt: skip
+
+
+def export(env, model_dir, out, **options):
+    """export_model without the fresh-process check."""
+    export_model(model_dir, out, **{"license": "mit", "validate": False, **options})
+
+
+CASES = []
+
+
+def case(error: type, match: str):
+    """Register a case: calling it must raise ``error`` with a message matching ``match`` (which names the
+    argument)."""
+
+    def register(call):
+        CASES.append(pytest.param(call, error, match, id=call.__name__))
+        return call
+
+    return register
+
+
+# -- the ACIP run (run_acip) -------------------------------------------------------------------------------------
+
+
+@case(ValueError, "stop_ratio")
+def compress_stop_ratio_out_of_range(env):
+    compress(env, env.root / "new", stop_ratio=1.5)
+
+
+@case(ValueError, "lr must be > 0")
+def compress_zero_learning_rate(env):
+    compress(env, env.root / "new", lr=0.0)
+
+
+@case(ValueError, "batch_size")
+def compress_no_batch(env):
+    compress(env, env.root / "new", batch_size=0)
+
+
+@case(FileNotFoundError, "data: no such file")
+def compress_missing_data_file(env):
+    compress(env, env.root / "new", data=str(env.root / "missing.txt"))
+
+
+@case(FileNotFoundError, "calibration_data")
+def compress_missing_calibration_file(env):
+    compress(env, env.root / "new", basis="whitened", calibration_data=str(env.root / "missing.txt"))
+
+
+@case(NotADirectoryError, "output_dir must be a folder")
+def compress_into_a_file(env):
+    compress(env, env.words)
+
+
+@case(FileExistsError, "output_dir .* holds files acip did not write")
+def compress_overwriting_a_users_folder(env):
+    compress(env, env.root / "user", overwrite=True)
+
+
+@case(FileExistsError, "output_dir .* is not empty")
+def compress_into_a_users_folder(env):
+    compress(env, env.root / "user")
+
+
+@case(ValueError, "output_dir must not hold data")
+def compress_into_the_folder_of_its_data(env):
+    compress(env, env.root, overwrite=True)
+
+
+@case(ValueError, "output_dir must be a folder of its own, not the current folder")
+def compress_into_the_current_folder(env):
+    os.chdir(env.root / "user")
+    compress(env, ".", overwrite=True)
+
+
+@case(ValueError, "output_dir must be a folder of its own, not your home folder")
+def compress_into_home(env):
+    os.environ["HOME"] = str(env.root / "user")
+    compress(env, env.root / "user", overwrite=True)
+
+
+@case(ValueError, "output_dir must be a folder of its own, not the filesystem root")
+def compress_into_the_filesystem_root(env):
+    compress(env, "/")
+
+
+@case(FileNotFoundError, "nothing to resume in output_dir")
+def compress_resuming_a_folder_without_a_run(env):
+    compress(env, env.root / "user", resume=True)
+
+
+@case(ValueError, "resume and overwrite exclude each other")
+def compress_resume_and_overwrite(env):
+    compress(env, env.root / "run", resume=True, overwrite=True)
+
+
+@case(ValueError, r"other settings.*\n  stop_ratio: recorded 0.5, given 0.3\n  post_tune_steps: recorded 2, given 9")
+def compress_resuming_with_other_settings(env):
+    config = dataclasses.replace(env.run_config, stop_ratio=0.3, post_tune_steps=9)
+    run_acip(config, env.root / "run", resume=True, base_model=env.model, tokenizer=tiny_tokenizer())
+
+
+@case(ValueError, r"output_dir .* holds a fine-tuning run \(acip finetune\), not an ACIP run.*acip finetune --resume")
+def compress_resuming_a_fine_tuning_run(env):
+    compress(env, env.root / "tuning", resume=True)
+
+
+@case(FileNotFoundError, "base_model: no such folder")
+def compress_missing_base_model(env):
+    run_acip(ACIPRunConfig(**RUN, data=env.words, base_model=str(env.root / "nonexistent")), env.root / "new")
+
+
+@case(FileNotFoundError, "base_model: .* is not a saved model")
+def compress_base_model_without_config(env):
+    run_acip(ACIPRunConfig(**RUN, data=env.words, base_model=str(env.root / "user")), env.root / "new")
+
+
+@case(ValueError, "output_dir must not be inside base_model")
+def compress_into_the_base_model(env):
+    run_acip(ACIPRunConfig(**RUN, data=env.words, base_model=str(env.base)), env.base / "acip", overwrite=True)
+
+
+@case(RuntimeError, r"output_dir .*run is in use by process \d+")
+def compress_into_a_busy_folder(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.root / "run"):
+        run_acip(env.run_config, env.root / "run", resume=True, base_model=env.model, tokenizer=tiny_tokenizer())
+
+
+# -- fine-tuning (finetune) ----------------------------------------------------------------------------------------
+
+
+@case(ValueError, "output_dir must differ from model_dir")
+def finetune_into_its_own_model(env):
+    tune(env, env.acip, env.acip, overwrite=True)
+
+
+@case(ValueError, "output_dir must not hold model_dir")
+def finetune_into_the_folder_holding_its_model(env):
+    tune(env, env.acip, env.root, overwrite=True)
+
+
+@case(ValueError, "output_dir must not be inside model_dir")
+def finetune_into_a_subfolder_of_its_model(env):
+    tune(env, env.acip, env.acip / "tuned")
+
+
+@case(FileNotFoundError, "model_dir: no such folder")
+def finetune_missing_model(env):
+    tune(env, env.root / "missing", env.root / "new")
+
+
+@case(FileNotFoundError, "model_dir: .* is not a saved model")
+def finetune_a_folder_without_a_model(env):
+    tune(env, env.root / "user", env.root / "new")
+
+
+@case(ValueError, r"ratio must be in \(0, 1\]")
+def finetune_ratio_out_of_range(env):
+    tune(env, env.acip, env.root / "new", ratio=1.5)
+
+
+@case(ValueError, "prunable ACIP model: give the size ratio")
+def finetune_prunable_without_ratio(env):
+    tune(env, env.acip, env.root / "new", ratio=None)
+
+
+@case(ValueError, "already compressed; leave out ratio")
+def finetune_compressed_with_ratio(env):
+    tune(env, env.root / "compressed", env.root / "new")
+
+
+@case(ValueError, "save='merged' cannot be combined with quantize")
+def finetune_merged_and_quantized(env):
+    tune(env, env.acip, env.root / "new", quantize="nf4")
+
+
+@case(FileNotFoundError, "eval_data: no such file")
+def finetune_missing_held_out_text(env):
+    tune(env, env.acip, env.root / "new", eval_blocks=2, eval_data=str(env.root / "missing.txt"))
+
+
+@case(ValueError, r"inputs changed:\n  model_dir: the run started from .*tuned_from, given .*other")
+def finetune_resuming_with_another_model(env):
+    finetune(env.root / "other", env.root / "tuning", resume=True)
+
+
+@case(ValueError, r"inputs changed:\n  model_dir: .*tuned_from changed since the run started")
+def finetune_resuming_with_a_changed_model(env):
+    config = env.root / "tuned_from" / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"mask_constant"', '"edited": true, "mask_constant"'))
+    try:
+        finetune(env.root / "tuned_from", env.root / "tuning", resume=True)
+    finally:
+        config.write_text(text)
+
+
+@case(ValueError, r"other settings.*\n  steps: recorded 6, given 40")
+def finetune_resuming_with_other_settings(env):
+    finetune(env.root / "tuned_from", env.root / "tuning", dataclasses.replace(env.tune_config, steps=40), resume=True)
+
+
+@case(ValueError, r"output_dir .* holds an ACIP run \(acip compress\), not a fine-tuning run.*acip compress --resume")
+def finetune_resuming_an_acip_run(env):
+    tune(env, env.acip, env.root / "run", resume=True)
+
+
+@case(RuntimeError, "model_dir .*tuned_from is in use by process")
+def finetune_a_model_being_written(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.root / "tuned_from"):
+        tune(env, env.root / "tuned_from", env.root / "new")
+
+
+# -- export (export_model) -----------------------------------------------------------------------------------------
+
+
+@case(ValueError, "out_dir must not hold model_dir")
+def export_into_the_folder_holding_its_model(env):
+    export(env, env.acip, env.root, overwrite=True)
+
+
+@case(ValueError, "out_dir must not be inside model_dir")
+def export_into_a_subfolder_of_its_model(env):
+    export(env, env.acip, env.acip / "export")
+
+
+@case(ValueError, "out_dir must differ from model_dir")
+def export_onto_its_model(env):
+    export(env, env.acip, env.acip, overwrite=True)
+
+
+@case(ValueError, "quantize needs a compressed model.*give ratio")
+def export_quantized_prunable_without_ratio(env):
+    export(env, env.acip, env.root / "new", quantize="nf4", validate=True)
+
+
+@case(ValueError, "quantize needs a compressed model.*give ratio")
+def export_quantized_prunable_without_ratio_or_check(env):
+    export(env, env.acip, env.root / "new", quantize="nf4")
+
+
+@case(FileExistsError, "out_dir .* holds files acip did not write")
+def export_overwriting_a_users_folder(env):
+    export(env, env.acip, env.root / "user", overwrite=True)
+
+
+@case(ValueError, "dtype must be one of")
+def export_unknown_dtype(env):
+    export(env, env.acip, env.root / "new", dtype="int8")
+
+
+@case(ValueError, "repo_id must be 'org/name'")
+def export_bad_repo_id(env):
+    export(env, env.acip, env.root / "new", repo_id="no namespace")
+
+
+@case(FileNotFoundError, "model_dir: no such folder")
+def export_missing_model(env):
+    export(env, env.root / "missing", env.root / "new")
+
+
+@case(ValueError, "model_dir .* is already compressed; export it without ratio")
+def export_compressed_with_ratio(env):
+    export(env, env.root / "compressed", env.root / "new", ratio=0.5)
+
+
+@case(ValueError, "license is needed")
+def export_unknown_license(env):
+    export(env, env.acip, env.root / "new", license=None)
+
+
+@case(NotADirectoryError, "out_dir must be a folder")
+def export_into_a_file(env):
+    export(env, env.acip, env.words)
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+
+
+@case(ValueError, "output_dir must be a folder of its own, not the current folder")
+def cli_compress_overwriting_the_current_folder(env):
+    os.chdir(env.root / "user")  # issue 14: this deleted every file of the current folder, then failed
+    main(["compress", "--preset", "quick", "--base-model", "/nonexistent", "--output-dir", ".", "--overwrite"])
+
+
+@case(FileNotFoundError, "base_model: no such folder '/nonexistent'")
+def cli_compress_overwriting_with_a_missing_base_model(env):
+    main(["compress", "--base-model", "/nonexistent", "--output-dir", str(env.root / "user"), "--overwrite"])
+
+
+@case(ValueError, r"other settings.*\n  stop_ratio: recorded 0.5, given 0.2\nleave them out")
+def cli_compress_resuming_with_another_stop_ratio(env):
+    main(["compress", "--output-dir", str(env.root / "run"), "--resume", "--stop-ratio", "0.2"])
+
+
+@case(ValueError, "model_dir: the run started from")
+def cli_finetune_resuming_with_another_model(env):
+    main(["finetune", str(env.root / "other"), "--output-dir", str(env.root / "tuning"), "--resume"])
+
+
+@case(ValueError, "holds an ACIP run .*not a fine-tuning run")
+def cli_finetune_resuming_an_acip_run(env):
+    main(["finetune", str(env.acip), "--output-dir", str(env.root / "run"), "--resume"])
+
+
+@case(ValueError, r"ratios must lie in \(0, 1\]")
+def cli_eval_ratio_out_of_range(env):
+    main(["eval", str(env.acip), "--ratios", "0.5", "1.5"])
+
+
+@case(FileNotFoundError, "model_dir: no such folder")
+def cli_eval_missing_model(env):
+    main(["eval", str(env.root / "missing"), "--ratios", "0.5"])
+
+
+@case(FileNotFoundError, "data: no such file")
+def cli_eval_missing_text(env):
+    main(["eval", str(env.acip), "--data", str(env.root / "missing.txt")])
+
+
+@case(ValueError, "block_size must be at least 2")
+def cli_eval_one_token_windows(env):
+    main(["eval", str(env.acip), "--data", env.words, "--block-size", "1"])
+
+
+@case(NotADirectoryError, "output_dir must be a folder")
+def cli_eval_report_into_a_file(env):
+    main(["eval", str(env.acip), "--data", env.words, "--output-dir", env.words])
+
+
+@case(RuntimeError, "model_dir .*acip is in use by process")
+def cli_eval_a_model_being_written(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.acip):
+        main(["eval", str(env.acip), "--data", env.words])
+
+
+@case(ValueError, "quantize needs a compressed model.*--ratio")
+def cli_export_quantized_prunable_without_ratio(env):
+    main(["export", str(env.acip), str(env.root / "new"), "--license", "mit", "--quantize", "nf4", "--no-validate"])
+
+
+@case(ValueError, "out_dir must not hold model_dir")
+def cli_export_over_the_folder_holding_its_model(env):
+    main(["export", str(env.acip), str(env.root), "--license", "mit", "--overwrite"])
+
+
+def snapshot(root) -> dict[str, str]:
+    """Every file and folder under ``root``: relative path -> SHA-256 of its bytes ('dir' for folders; 'lock' for
+    lock files, which every holder rewrites with its name)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_dir() or path.name.endswith(".acip-lock"):
+            out[key] = "dir" if path.is_dir() else "lock"
+        else:
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def test_enough_cases():
+    assert len(CASES) >= 30
+    surfaces = {c.id.split("_")[0] for c in CASES} | {c.id.split("_")[1] for c in CASES if c.id.startswith("cli")}
+    assert {"compress", "finetune", "export", "cli", "eval"} <= surfaces
+
+
+@pytest.mark.parametrize("call, error, match", CASES)
+def test_bad_input_is_refused_and_changes_nothing(env, call, error, match, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # cases may point it elsewhere; monkeypatch restores it
+    before = snapshot(env.root)
+    weights = {name: tensor.clone() for name, tensor in env.model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(env)
+    assert snapshot(env.root) == before
+    for name, tensor in env.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    assert json.loads((env.root / "run" / RUN_FILE).read_text())["finished"] is False
