@@ -32,6 +32,8 @@ class ACIPConfig(PretrainedConfig):
         layer_ranks: for a compressed model, the rank of each target layer that stayed factorized.
         dense_modules: for a compressed model, the target layers stored as dense ``nn.Linear`` again.
         base_model_name_or_path: where the base model came from (informational; never loaded).
+        fused_groups: for a fused model (``fuse()``), the groups of target layers that share one input-side matmul,
+            each in call order.
         basis: the singular basis the layers were factorized in: ``"weight"`` (SVD of W) or ``"whitened"`` (SVD of
             W·L, L Lᵀ the Gram matrix of the layer's calibration inputs). Informational: shapes do not depend on it.
     """
@@ -49,6 +51,7 @@ class ACIPConfig(PretrainedConfig):
         dense_modules: list[str] | None = None,
         base_model_name_or_path: str | None = None,
         basis: str = "weight",
+        fused_groups: list[list[str]] | None = None,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -66,6 +69,10 @@ class ACIPConfig(PretrainedConfig):
         self.basis = basis
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
+        self.fused_groups = [list(group) for group in fused_groups or []]
+        fused = [name for group in self.fused_groups for name in group]
+        if fused and not (self.compressed and len(set(fused)) == len(fused) and set(fused) <= set(self.target_modules)):
+            raise ValueError("fused_groups must list compressed target modules, each at most once")
         if self.compressed:
             listed = set(self.layer_ranks) | set(self.dense_modules)
             if listed != set(self.target_modules) or set(self.layer_ranks) & set(self.dense_modules):

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 
 from .configuration_acip import ACIPConfig
+from .fusing import FusedLinear, build_fused, fuse_model, settle_loaded, unfuse_model
 from .parametrization import LowRankLinear, SVDLinear, keep_4bit_cpu_path_safe, linear_num_params, to_4bit
 from .pruning import (  # QUANT_TYPES: the package imports it from here
     QUANT_TYPES,
@@ -162,6 +163,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         self.model = AutoModelForCausalLM.from_config(config.text_config)
         for name in config.target_modules:
             self.model.set_submodule(name, self._empty_layer(name, self.model.get_submodule(name)))
+        build_fused(self.model, config.fused_groups)
         self.post_init()
 
     def _empty_layer(self, name: str, linear: nn.Linear) -> nn.Module:
@@ -221,6 +223,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         _check_loaded(model, info)
         keep_4bit_cpu_path_safe(model)
+        if model.config.fused_groups:
+            settle_loaded(model)  # loaded weights are contiguous: lay them out for this dtype and device
         return (model, info) if want_info else model
 
     def get_input_embeddings(self):
@@ -239,30 +243,12 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         """Replace the base LM's output head."""
         self.model.set_output_embeddings(value)
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
         """The base causal LM's forward pass (same arguments, same outputs)."""
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
 
     def acip_layers(self) -> dict[str, nn.Module]:
         """The target layers by name (relative to the base LM): SVDLinear before compress, after it LowRankLinear or
@@ -298,7 +284,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
     def get_num_params(self, full: bool = False) -> int:
         """Parameters after compression at the current pruning state: target layers only, or the whole model."""
         layers = self.acip_layers().values()
-        current = sum(m.num_params() if isinstance(m, LowRankLinear) else linear_num_params(m) for m in layers)
+        current = sum(m.num_params() if isinstance(m, (LowRankLinear, FusedLinear)) else linear_num_params(m)
+                      for m in layers)  # fmt: skip
         return current + _outside_num_params(self, full)
 
     def get_size_ratio(self, full: bool = False) -> float:
@@ -316,15 +303,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         return _fixed_bytes(self, storage) + weights
 
     @torch.no_grad()
-    def prune_model_by_score(
-        self,
-        compression_ratio: float | None = None,
-        *,
-        size_ratio: float | None = None,
-        full: bool = False,
-        memory_budget: int | str | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> "ACIPModel":
+    def prune_model_by_score(self, compression_ratio: float | None = None, *, size_ratio: float | None = None,
+                             full: bool = False, memory_budget: int | str | None = None,
+                             dtype: torch.dtype | str | None = None, rank_multiple: int = 1) -> "ACIPModel":
         """Keep the globally highest-scoring singular values so that the size ratio is the smallest one ≥ the target
         (within one rank), or so that the model is the largest that fits ``memory_budget``. Revertible and nested:
         call again with any target. Returns the model.
@@ -337,6 +318,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 the whole model's parameters and buffers, see :meth:`compressed_bytes`.
             dtype: with ``memory_budget``, the storage to count: a torch dtype, "nf4"/"fp4" (after quantize()),
                 or None for the current one.
+            rank_multiple: round each layer's kept rank up to a multiple of this (e.g. 8, 16, 64: aligned shapes for
+                kernels that prefer them); the plan is still the smallest ≥ the target (the largest within a budget).
         """
         other = _outside_num_params(self, full)
         layers = list(self._prunable_layers().values())
@@ -346,13 +329,13 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 raise ValueError("pass either a compression_ratio or a memory_budget, not both")
             storage = _storage(self, dtype)
             budget = bytes_budget(memory_budget, _fixed_bytes(self, storage), storage)
-            keep, _ = plan_memory(scores, shapes, budget, storage)
+            keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple)
         else:
             if dtype is not None:
                 raise ValueError("dtype only applies to memory_budget")
             ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
             fixed = other + sum(m.out_features for m in layers if m.bias is not None)
-            keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full))
+            keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full), rank_multiple)
         for layer, kept in zip(layers, keep):
             layer.set_kept(kept)
         return self
@@ -373,6 +356,20 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         self.config.layer_ranks = {n: m.rank for n, m in small.items() if isinstance(m, LowRankLinear)}
         self.config.dense_modules = [n for n, m in small.items() if not isinstance(m, LowRankLinear)]
         self.config.compressed = True
+        return self
+
+    @torch.no_grad()
+    def fuse(self, layout: str = "auto") -> "ACIPModel":
+        """Inference form of a compressed model (see fusing.py): layers that read one input share one matmul, weights
+        laid out as kernels prefer (``layout="contiguous"`` before torch.compile); same outputs. Before quantize();
+        saves and reloads fused. Returns the model."""
+        fuse_model(self, layout)
+        return self
+
+    @torch.no_grad()
+    def unfuse(self) -> "ACIPModel":
+        """Back from :meth:`fuse` to the compressed form, exactly (e.g. to fine-tune with peft). Returns the model."""
+        unfuse_model(self)
         return self
 
     @torch.no_grad()
@@ -472,3 +469,6 @@ def _fixed_bytes(model: "ACIPModel", storage) -> int:
 # (set by ACIPConfig) names all three auto classes, since registration records just one.
 ACIPConfig.register_for_auto_class()
 ACIPModel.register_for_auto_class("AutoModelForCausalLM")
+# A model loaded with AutoModel is still a causal LM: registered as one, transformers' text-generation pipeline accepts
+# it without logging the list of every supported class (loading through AutoModelForCausalLM registers it too).
+AutoModelForCausalLM.register(ACIPConfig, ACIPModel, exist_ok=True)

@@ -258,6 +258,28 @@ class Ranking:
         """Whether every score tensor it was built from still exists."""
         return all(ref() is not None for ref, _, _ in self._sources)
 
+    def rounded_ranks(self, prefix: int, multiple: int) -> torch.Tensor:
+        """(L,) each layer's kept rank for the first ``prefix`` items, rounded up to a multiple of ``multiple`` (at
+        most its full rank); a layer whose rounded rank is stored dense keeps its full rank."""
+        counts = torch.bincount(self._layer_of[:prefix], minlength=len(self.ranks))  # (L,)
+        full = torch.tensor(self.ranks, dtype=torch.int64)
+        rounded = torch.minimum((counts + multiple - 1) // multiple * multiple, full)
+        return torch.where(is_dense_rank(rounded, self.in_features, self.out_features), full, rounded)
+
+    def rounded_cost(self, prefix: int, multiple: int, storage=None) -> int:
+        """Weights (or with ``storage``, bytes) of the plan that rounds the first ``prefix`` items' ranks up."""
+        ranks = self.rounded_ranks(prefix, multiple)
+        if storage is None:
+            return int(rank_cost(ranks, self.in_features, self.out_features).sum())
+        return int(layer_bytes(ranks, self.in_features, self.out_features, storage).sum())
+
+    def keep_ranks(self, ranks: torch.Tensor) -> list[torch.Tensor]:
+        """One boolean keep mask (k,) per layer keeping its ``ranks[l]`` best items, by the global order."""
+        if not hasattr(self, "_sorted_places"):
+            self._sorted_places = [p.sort().values for p in self._places]
+        ranks = ranks.tolist()
+        return [p < (s[r - 1] + 1 if r else 0) for p, s, r in zip(self._places, self._sorted_places, ranks)]
+
     def keep(self, prefix: int) -> list[torch.Tensor]:
         """One boolean keep mask (k,) per layer for the first ``prefix`` items: one comparison per score."""
         dense = (self._dense_from <= prefix).tolist()  # a layer stored dense keeps all its ranks: they cost no more
@@ -280,39 +302,70 @@ def ranking(scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> Rankin
     return fresh
 
 
+def _search(lo: int, hi: int, fits) -> int:
+    """The largest ``p`` in [lo, hi] with ``fits(p)``, given ``fits(lo)`` and that ``fits`` is monotone."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _check_multiple(rank_multiple) -> int:
+    """``rank_multiple`` as a positive int; a clear error otherwise."""
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, numbers.Integral) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive integer (e.g. 8, 16, 64), got {rank_multiple!r}")
+    return int(rank_multiple)
+
+
 def plan_pruning(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, rank_multiple: int = 1
 ) -> tuple[list[torch.Tensor], int]:
     """Choose which singular values to keep so that the compressed layers cost at least ``budget`` weights, by as
     little as one rank allows: the shortest prefix of the global ranking (see :class:`Ranking`) whose cost reaches
     ``budget``. Kept sets are nested: a larger budget keeps a superset.
 
+    With ``rank_multiple`` m > 1, each layer's kept rank of a prefix is rounded up to a multiple of m (or to its full
+    rank), keeping the layer's next best values by the same order, and the shortest prefix whose rounded plan costs
+    at least ``budget`` is taken: still the smallest plan ≥ the budget among rounded plans (it overshoots by at most
+    one layer's m ranks), and still nested, since rounding up is monotone.
+
     Args:
         scores: one float tensor of shape (k,) per layer.
         shapes: ``(in_features, out_features)`` per layer, in the same order.
         budget: weights the compressed layers may cost (biases excluded); clipped to [0, every layer dense].
+        rank_multiple: round every kept rank up to a multiple of this (1: no rounding).
 
     Returns:
         One boolean keep mask per layer, and the cost of the plan in weights.
     """
-    order = ranking(scores, shapes)
+    order, multiple = ranking(scores, shapes), _check_multiple(rank_multiple)
     budget = min(max(int(budget), 0), int(order.cost[-1]))
     prefix = int(torch.searchsorted(order.cost, budget))  # the shortest prefix that costs at least the budget
-    return order.keep(prefix), int(order.cost[prefix])
+    if multiple == 1:
+        return order.keep(prefix), int(order.cost[prefix])
+    # Rounding up only adds ranks, so the rounded plan of `prefix` already reaches the budget: search below it.
+    prefix = _search(0, prefix, lambda p: p == 0 or order.rounded_cost(p - 1, multiple) < budget)
+    ranks = order.rounded_ranks(prefix, multiple)
+    return order.keep_ranks(ranks), order.rounded_cost(prefix, multiple)
 
 
 def plan_memory(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage, rank_multiple: int = 1
 ) -> tuple[list[torch.Tensor], int]:
     """The largest prefix of the global ranking whose compressed layers' weights take at most ``budget`` bytes in
-    ``storage`` (see :func:`layer_bytes`); the same order as :func:`plan_pruning`, so also nested.
+    ``storage`` (see :func:`layer_bytes`); the same order as :func:`plan_pruning`, so also nested. With
+    ``rank_multiple``, the largest prefix whose plan, ranks rounded up as in :func:`plan_pruning`, fits.
 
     Returns:
         One boolean keep mask per layer, and the bytes of the plan's weights.
     """
-    order = ranking(scores, shapes)
+    order, multiple = ranking(scores, shapes), _check_multiple(rank_multiple)
     sizes, most = order.bytes(storage)  # (n + 1,) each
     prefix = int(torch.searchsorted(most, int(budget), right=True)) - 1  # the longest prefix within the budget
     if prefix < 0:  # every layer at rank 0 takes 0 bytes: only a negative budget gets here
         raise ValueError(f"no plan fits {budget} bytes")
-    return order.keep(prefix), int(sizes[prefix])
+    if multiple == 1:
+        return order.keep(prefix), int(sizes[prefix])
+    prefix = _search(0, prefix, lambda p: order.rounded_cost(p, multiple, storage) <= budget)
+    ranks = order.rounded_ranks(prefix, multiple)
+    return order.keep_ranks(ranks), order.rounded_cost(prefix, multiple, storage)

@@ -1,5 +1,6 @@
 """What a size buys: parameters, bytes, resident memory and tokens/s of an ACIP model, dense vs pruned-and-compressed
-vs compressed + 4-bit.
+vs compressed + 4-bit; and the inference speed of each form (dense, compressed, fused, compiled) for
+benchmarks/inference.py.
 
 Each configuration is saved to a temporary folder and measured in a fresh Python process that loads it the way a
 user would (``from_pretrained``), so resident memory is the model's own and no configuration inherits another's
@@ -165,6 +166,81 @@ def write_rows(rows: list[EfficiencyRow], out_dir: str | os.PathLike) -> dict[st
     }
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Inference speed of one saved form (dense, compressed, fused), optionally compiled: benchmarks/inference.py runs
+# measure_inference in fresh processes, interleaved and repeated.
+# --------------------------------------------------------------------------------------------------------------------
+
+PROMPT = 16  # tokens of the prompt that decoding starts from
+
+
+@torch.inference_mode()
+def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
+                      new_tokens: int = 32, batches: Sequence[int] = (1, 8), prompts: Sequence[int] = (256, 1024),
+                      best_of: int = 2) -> dict:  # fmt: skip
+    """Load a saved ACIP model in ``dtype`` (as saved: dense, compressed or fused) and measure it in this process:
+    greedy decode tokens/s per batch size (generated tokens of all sequences / s, prompt excluded), prefill tokens/s
+    per prompt length (one forward pass, last logits only, as generate() runs it), resident memory the model adds
+    (after decoding at the first batch size), and the seconds of the first calls (compilation, for ``compile``).
+    Each timing is the best of ``best_of``.
+
+    ``compile``: ``model.forward = torch.compile(model.forward)`` (a fused model laid out contiguous first), and
+    decoding with a static KV cache of one fixed length, so each shape compiles once."""
+    gc.collect()
+    before = rss_bytes()
+    model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    device = next(model.parameters()).device
+    if compile:
+        if model.config.fused_groups:
+            model.fuse(layout="contiguous")  # inductor runs the input-major layout at half the speed
+        model.forward = torch.compile(model.forward)
+    ids = torch.randint(model.config.text_config.vocab_size, (max(batches), max(prompts)), device=device,
+                        generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    cache = dict(cache_implementation="static", max_cache_len=PROMPT + new_tokens) if compile else {}
+
+    def generate(batch: int, n: int):
+        return model.generate(ids[:batch, :PROMPT], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, **cache)  # fmt: skip
+
+    def best(fn) -> float:
+        return min(_timed(fn) for _ in range(best_of))
+
+    figures = {"first_calls_s": 0.0}
+    for batch in batches:
+        start = time.perf_counter()  # first calls: one-off costs (compilation, kernel selection, allocator growth)
+        generate(batch, 2)
+        figures["first_calls_s"] += time.perf_counter() - start
+        # Generating one token is the prompt's forward pass; the difference leaves the new_tokens - 1 decode steps.
+        steps = best(lambda: generate(batch, new_tokens)) - best(lambda: generate(batch, 1))
+        figures[f"decode_b{batch}"] = batch * (new_tokens - 1) / max(steps, 1e-9)
+        if batch == batches[0]:  # the model as a chat user runs it: weights (all read by now) and a small cache
+            figures["rss_mib"] = (rss_bytes() - before) / _MIB
+    for length in prompts:
+        start = time.perf_counter()
+        model(ids[:1, :length], logits_to_keep=1)
+        figures["first_calls_s"] += time.perf_counter() - start
+        figures[f"prefill_{length}"] = length / best(lambda: model(ids[:1, :length], logits_to_keep=1))
+    figures["params"] = model.get_num_params(full=True)
+    return figures
+
+
+def measure_inference_in_subprocess(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
+                                    threads: int | None = None, new_tokens: int = 32) -> dict:  # fmt: skip
+    """:func:`measure_inference` in a fresh interpreter (own memory, own compile state), with ``threads`` torch
+    threads (None: torch's default)."""
+    command = [sys.executable, "-m", "acip.efficiency", str(folder), "--inference", "--dtype", dtype,
+               "--new-tokens", str(new_tokens)] + (["--compile"] if compile else [])  # fmt: skip
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {folder} ({dtype}, compile={compile}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure one saved model in this process and print its figures as one JSON line (used by the report)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -172,10 +248,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inference", action="store_true", help="measure_inference instead of measure")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
     import acip  # noqa: F401  (registers the auto classes, as a user's import would)
 
-    print(json.dumps(measure(args.folder, args.prompt_tokens, args.new_tokens, args.repeats)))
+    if args.inference:
+        figures = measure_inference(args.folder, args.dtype, args.compile, new_tokens=args.new_tokens)
+    else:
+        figures = measure(args.folder, args.prompt_tokens, args.new_tokens, args.repeats)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

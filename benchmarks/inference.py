@@ -1,46 +1,143 @@
-"""Decode speed and resident memory of SmolLM2-135M: dense vs ACIP-compressed at 0.4 vs compressed + 4-bit (nf4).
+"""Inference speed and memory of SmolLM2-135M: dense vs ACIP compressed vs fused vs fused + torch.compile, at size
+ratios 0.8, 0.6 and 0.4, in float32 and bfloat16.
 
-Each configuration is saved and measured in a fresh process (acip.efficiency): parameters, bytes, checkpoint size,
-resident memory the model adds to the process after prefill and decode, peak resident memory, prefill tokens/s
-(256 tokens) and greedy decode tokens/s (batch 1, KV cache), best of --repeats. Ratios are against the dense model
-measured in the same run. Uses the ACIP model in --model-dir; without one, the embedded SmolLM2 is parametrized
-untrained (pruning then truncates every layer to about the same fraction: other ranks, the same total size).
-Targets at 0.4: decode >= 1.5x dense, resident memory <= 0.55x dense.
+Every configuration is saved once in its dtype (dense = the ACIP model compressed at ratio 1.0: the base model's
+shapes) and measured in a fresh process (acip.efficiency.measure_inference): greedy decode tokens/s at batch 1 and 8
+(generate, KV cache, prompt of 16 tokens), prefill tokens/s at 256 and 1024 tokens (one forward pass), resident
+memory after decoding at batch 1, and the seconds of the first calls (compilation for the compiled rows). The
+configurations run interleaved (every configuration once, then again, --repeats times), so that a slow spell of a
+shared machine hits all of them alike; each figure is the median over the repeats, with [min-max], and ratios are
+against the dense model of the same dtype, median to median. Decode ratios at batch 1 are also given per repeat
+(repeat i of a configuration against repeat i of dense, which ran just before it).
 
-    python benchmarks/inference.py [--model-dir runs/quality] [--ratio 0.4] [--repeats 5]
+Uses the ACIP model in --model-dir (a folder made by `acip compress --preset quick`); without one, the embedded
+SmolLM2 is parametrized in the whitened basis (32 x 256 calibration tokens of wiki-train, as a run draws them),
+untrained: pruning then follows the initial scores. Speed depends only on the ranks, not on the score values.
+With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added.
+
+Targets (float32, batch 1, against dense): at 0.4 decode >= 1.7x (median; >= 1.5x in every repeat), prefill
+>= 1.5x, resident memory <= 0.55x; at 0.6 decode >= 1.3x; at 0.8 not slower than dense. bfloat16: no form slower
+than its unfused (compressed) form.
+
+    python benchmarks/inference.py [--model-dir runs/quality] [--repeats 3] [--threads N] [--compile-dtypes float32]
 """
 
 import argparse
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
 from acip import ACIPModel
-from acip.default_model import load_default_model
-from acip.efficiency import efficiency_report, format_rows
+from acip.efficiency import measure_inference_in_subprocess
+
+RATIOS = (0.8, 0.6, 0.4)
+DTYPES = ("float32", "bfloat16")
+COLUMNS = (("decode_b1", "decode b1 t/s"), ("decode_b8", "decode b8 t/s"), ("prefill_256", "prefill 256 t/s"),
+           ("prefill_1024", "prefill 1024 t/s"), ("rss_mib", "RSS MiB"),
+           ("first_calls_s", "first calls s"))  # fmt: skip
+
+
+def build_source(folder: Path) -> Path:
+    """The embedded SmolLM2, parametrized in the whitened basis (untrained), saved to ``folder``."""
+    from acip import parametrize
+    from acip.data import TrainBatches
+    from acip.default_model import load_default_model
+
+    base, tokenizer = load_default_model(torch.float32)
+    calibration = next(TrainBatches("wiki-train", tokenizer, 256, 32, seed=0).batches())  # (32, 256)
+    parametrize(base, "whitened", calibration).save_pretrained(folder)
+    return folder
+
+
+def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None) -> list[dict]:
+    """Save every form at every ratio in every dtype under ``root``; returns the configurations to measure."""
+    configurations = []
+    for dtype in dtypes:
+        for ratio in (1.0, *ratios):
+            variants = [("compressed", 1)] if ratio < 1.0 else [("dense", 1)]
+            if ratio < 1.0 and rank_multiple:
+                variants.append((f"ranks x{rank_multiple}", rank_multiple))
+            for label, multiple in variants:
+                model = ACIPModel.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
+                model.prune_model_by_score(ratio, rank_multiple=multiple).compress()
+                size = model.get_size_ratio()
+                folder = root / f"{dtype}-{ratio:g}-{multiple}"
+                if label != "dense":
+                    if label == "compressed":
+                        model.save_pretrained(folder / "compressed")
+                        configurations.append(dict(dtype=dtype, ratio=ratio, form="compressed", size=size,
+                                                   folder=folder / "compressed", compile=False))  # fmt: skip
+                    model.fuse()
+                    label = "fused" if multiple == 1 else f"fused, ranks x{multiple}"
+                model.save_pretrained(folder / "model")
+                configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size, folder=folder / "model",
+                                           compile=False))  # fmt: skip
+                del model
+    return configurations
+
+
+def with_compiled(configurations: list[dict], dtypes) -> list[dict]:
+    """The configurations plus, after each plain fused one in ``dtypes``, the same folder measured compiled."""
+    out = []
+    for c in configurations:
+        out.append(c)
+        if c["form"] == "fused" and c["dtype"] in dtypes:
+            out.append({**c, "form": "fused + compile", "compile": True})
+    return out
+
+
+def summarize(configurations: list[dict], runs: list[list[dict]]) -> str:
+    """The table: per configuration, median [min-max] of each figure over the repeats, and ratios to dense."""
+    lines = []
+    dense = {c["dtype"]: i for i, c in enumerate(configurations) if c["form"] == "dense"}
+    header = f"{'dtype':<9}{'ratio':>6}{'size':>7} {'form':<22}" + "".join(f"{title:>24}" for _, title in COLUMNS)
+    lines.append(header + f"{'x decode b1':>13}{'x prefill 256':>15}{'x RSS':>7}  x decode b1 per repeat")
+    for i, c in enumerate(configurations):
+        cells = []
+        for key, _ in COLUMNS:
+            values = [run[i][key] for run in runs]
+            cells.append(f"{statistics.median(values):>9.1f} [{min(values):.1f}-{max(values):.1f}]".rjust(24))
+        d = dense[c["dtype"]]
+        med = {key: statistics.median(run[i][key] for run in runs)
+               / statistics.median(run[d][key] for run in runs) for key in ("decode_b1", "prefill_256", "rss_mib")}
+        each = " ".join(f"{run[i]['decode_b1'] / run[d]['decode_b1']:.2f}" for run in runs)
+        ratios = f"{med['decode_b1']:>13.2f}{med['prefill_256']:>15.2f}{med['rss_mib']:>7.2f}  {each}"
+        lines.append(f"{c['dtype']:<9}{c['ratio']:>6g}{c['size']:>7.3f} {c['form']:<22}" + "".join(cells) + ratios)
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None, help="a saved ACIP model (default: untrained SmolLM2)")
-    parser.add_argument("--ratio", type=float, default=0.4, help="size ratio of the compressed model")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is kept)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
+    parser.add_argument("--model-dir", default=None, help="a saved ACIP model (default: whitened SmolLM2, untrained)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all configurations")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
+    parser.add_argument("--compile-dtypes", nargs="*", default=list(DTYPES), choices=DTYPES,
+                        help="dtypes with fused + torch.compile rows (none: no such rows; each compiles for minutes)")
+    parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir
-        if model_dir is None:
-            base, _ = load_default_model()
-            ACIPModel.from_base_model(base).save_pretrained(Path(tmp) / "acip")
-            del base
-            model_dir = Path(tmp) / "acip"
-        rows = efficiency_report(model_dir, [args.ratio], "nf4", new_tokens=args.new_tokens, repeats=args.repeats)
+    with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
+        source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
+        configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple)
+        configurations = with_compiled(configurations, args.compile_dtypes)
+        runs = []
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            runs.append([measure_inference_in_subprocess(c["folder"], c["dtype"], c["compile"], args.threads,
+                                                         args.new_tokens) for c in configurations])  # fmt: skip
+            print(f"repeat {repeat + 1}/{args.repeats}: {time.perf_counter() - start:.0f} s", flush=True)
 
-    print(format_rows(rows))
-    dense, small, _ = rows
-    speed, memory = small.decode_tokens_per_s / dense.decode_tokens_per_s, small.rss_mib / dense.rss_mib
-    print(f"\nat {args.ratio}: decode {speed:.2f}x dense (target >= 1.5x), resident memory {memory:.2f}x dense "
-          f"(target <= 0.55x), parameter bytes {small.bytes / dense.bytes:.2f}x")  # fmt: skip
+    threads = args.threads or torch.get_num_threads()
+    print(f"\nSmolLM2-135M ({'--model-dir ' + args.model_dir if args.model_dir else 'whitened, untrained'}), "
+          f"{threads} thread(s) per process, {args.repeats} interleaved repeats, median [min-max]; size = size ratio "
+          f"of the target layers; ratios to dense of the same dtype\n")  # fmt: skip
+    print(summarize(configurations, runs))
 
 
 if __name__ == "__main__":

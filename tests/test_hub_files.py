@@ -11,7 +11,7 @@ from conftest import tiny_acip_model
 import acip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
+HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py", "fusing.py")
 ALLOWED = {"torch", "transformers", "safetensors", "bitsandbytes"}
 # Standard-library modules that reach into the OS or the process: a Hub user trusts model code not to.
 IMPURE = {"ctypes", "subprocess", "multiprocessing", "socket", "signal", "resource", "shutil"}

@@ -173,7 +173,7 @@ def test_full_model_round_trip_keeps_scores_and_prunes_alike(tmp_path):
 
 def test_save_writes_the_hub_files_and_auto_map(tmp_path):
     tiny_acip_model("llama").save_pretrained(tmp_path)
-    hub_files = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
+    hub_files = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py", "fusing.py")
     for name in (*hub_files, "config.json", "model.safetensors"):
         assert (tmp_path / name).is_file(), name
     config = json.loads((tmp_path / "config.json").read_text())
@@ -196,11 +196,28 @@ def test_bf16_load_keeps_masks_and_scores_float32(tmp_path):
 
 
 def test_text_generation_pipeline():
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
     model = tiny_acip_model("llama").prune_model_by_score(0.6)
-    generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer())
+    with CaptureLogger(logging.get_logger("transformers.pipelines.base")) as captured:
+        generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer())
+    assert "is not supported" not in captured.out  # no error listing every supported class
     out = generator("w5 w6 w7", max_new_tokens=4, do_sample=False)
     assert out[0]["generated_text"].startswith("w5 w6 w7")
     assert generator("w5 w6 w7", max_new_tokens=4, do_sample=False) == out
+
+
+def test_rank_multiple_rounds_every_kept_rank(kind):
+    model = tiny_acip_model(kind)
+    model.prune_model_by_score(0.5, rank_multiple=8)
+    assert model.get_size_ratio() >= 0.5
+    for layer in model.acip_layers().values():
+        kept = int(layer.kept.sum())
+        assert kept % 8 == 0 or kept == layer.kept.numel()
+    model.compress()
+    ranks = model.config.layer_ranks.values()
+    assert all(rank % 8 == 0 for rank in ranks) and ranks
 
 
 def test_generate_matches_the_base_model():

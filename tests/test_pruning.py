@@ -254,3 +254,69 @@ def test_the_cache_drops_rankings_of_deleted_score_maps():
         plan_pruning([torch.randn(min(s)) for s in SHAPES], SHAPES, 100)  # each map is garbage right after
     assert len(pruning._RANKINGS) <= pruning._KEPT_RANKINGS
     assert all(ranking.alive() for ranking in pruning._RANKINGS[:-1])  # the newest goes at the next insert
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rank rounding: every kept rank a multiple of m (or full), still the smallest plan >= the budget, still nested
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rounded_reference(scores, shapes, multiple, prefix_items):
+    """Per-layer ranks of a prefix rounded up to a multiple (capped at full rank; dense layers keep everything)."""
+    counts = [0] * len(scores)
+    for layer, _ in prefix_items:
+        counts[layer] += 1
+    ranks = []
+    for c, s, (i, o) in zip(counts, scores, shapes):
+        r = min(-(-c // multiple) * multiple, s.numel())
+        ranks.append(s.numel() if is_dense_rank(r, i, o) else r)
+    return ranks
+
+
+@pytest.mark.parametrize("multiple", [2, 4, 8])
+def test_rounded_plan_is_the_smallest_rounded_plan_reaching_the_budget(multiple):
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.randn(min(s), generator=g) for s in SHAPES]
+    order = reference_order(scores)
+    total = sum(i * o for i, o in SHAPES)
+    costs = [sum(rank_cost(r, i, o) for r, (i, o) in zip(rounded_reference(scores, SHAPES, multiple, order[:p]),
+                                                          SHAPES)) for p in range(len(order) + 1)]  # fmt: skip
+    for budget in [0, 1, 100, total // 3, total // 2, total - 1, total]:
+        keep, cost = plan_pruning(scores, SHAPES, budget, rank_multiple=multiple)
+        prefix = next(p for p, c in enumerate(costs) if c >= budget)
+        ranks = rounded_reference(scores, SHAPES, multiple, order[:prefix])
+        assert cost == costs[prefix] >= budget
+        assert [int(k.sum()) for k in keep] == ranks
+        for k, s, r in zip(keep, scores, ranks):  # each layer keeps its best values by the global order
+            ranked = [i for layer, i in order if s is scores[layer]]
+            assert set(torch.nonzero(k).flatten().tolist()) == set(ranked[:r])
+
+
+def test_rounded_plans_are_nested_and_fit_a_memory_budget():
+    g = torch.Generator().manual_seed(6)
+    scores = [torch.randn(min(s), generator=g) for s in SHAPES]
+    total = sum(i * o for i, o in SHAPES)
+    previous = None
+    for budget in range(0, total + 1, 41):
+        keep, cost = plan_pruning(scores, SHAPES, budget, rank_multiple=4)
+        assert all(int(k.sum()) % 4 == 0 or bool(k.all()) for k in keep)
+        if previous is not None:
+            assert all(not bool((p & ~k).any()) for p, k in zip(previous, keep))
+        previous = keep
+    for storage in (torch.float32, "nf4"):
+        full = sum(layer_bytes(min(i, o), i, o, storage) for i, o in SHAPES)
+        for budget in [0, 333, full // 3, full // 2, full]:
+            keep, size = plan_memory(scores, SHAPES, budget, storage, rank_multiple=4)
+            ranks = [int(k.sum()) for k in keep]
+            assert size == sum(layer_bytes(r, i, o, storage) for r, (i, o) in zip(ranks, SHAPES)) <= budget
+            assert all(r % 4 == 0 or bool(k.all()) for r, k in zip(ranks, keep))
+
+
+def test_rank_multiple_one_is_the_plain_plan_and_bad_values_are_rejected():
+    scores = [torch.randn(min(s), generator=torch.Generator().manual_seed(7)) for s in SHAPES]
+    for budget in (0, 500, 1000):
+        plain, rounded = plan_pruning(scores, SHAPES, budget), plan_pruning(scores, SHAPES, budget, rank_multiple=1)
+        assert plain[1] == rounded[1] and all(torch.equal(a, b) for a, b in zip(plain[0], rounded[0]))
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="rank_multiple"):
+            plan_pruning(scores, SHAPES, 500, rank_multiple=bad)
