@@ -179,13 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``acip`` command."""
     parser = argparse.ArgumentParser(prog="acip", description="Any Compression via Iterative Pruning")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_compress, _add_finetune, _add_export, _add_eval):
+        add_command(commands)
+    return parser
 
+
+def _add_compress(commands) -> None:
+    """``acip compress``: the ACIP run."""
     compress = commands.add_parser("compress", help="run ACIP on a base model and save a prunable ACIP model")
     compress.add_argument("--preset", choices=sorted(PRESETS), default=None,
                           help="settings to start from (default: paper; with --resume: the recorded settings)")
     _add_run_options(compress, "the ACIP model", ACIPRunConfig)
     compress.set_defaults(main=compress_main)
 
+
+def _add_finetune(commands) -> None:
+    """``acip finetune``: prune, compress and LoRA-tune a saved ACIP model."""
     tune = commands.add_parser(
         "finetune", help="prune a saved ACIP model to a size, compress (and 4-bit quantize), then LoRA fine-tune it"
     )
@@ -194,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--target-modules", dest="lora_targets", help="the former name of --lora-targets")
     tune.set_defaults(main=finetune_main)
 
+
+def _add_export(commands) -> None:
+    """``acip export``: a Hub-ready folder."""
     export = commands.add_parser(
         "export", help="write a Hub-ready folder (model card, requirements, code, tokenizer), checked; optionally push"
     )
@@ -211,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--private", action="store_true", help="create the Hub repository as private")
     export.set_defaults(main=export_main)
 
+
+def _add_eval(commands) -> None:
+    """``acip eval``: perplexity, zero-shot tasks or efficiency across sizes."""
     evaluate = commands.add_parser(
         "eval", help="perplexity across size ratios (default), zero-shot tasks, or size/memory/speed of an ACIP model"
     )
@@ -244,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (count or fraction)")
     evaluate.add_argument("--include-path", default=None, help="--tasks: folder of extra lm-eval task YAML files")
     evaluate.set_defaults(main=eval_main)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,8 +70,9 @@ def pruning_restored(model: ACIPModel):
                 layer.mask.copy_(saved[name])
 
 
-def check_ratio(ratio, name: str = "ratio") -> float:
-    """One size ratio to prune to, as a float, or a ValueError naming ``name`` and the allowed range (0, 1]."""
+def check_size_ratio(ratio, name: str = "ratio") -> float:
+    """One size ratio to evaluate or fine-tune at, as a float, or a ValueError naming ``name`` and the allowed range
+    (0, 1] (the model's own ``pruning.check_ratio`` also takes 0 and two names)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"{name} must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
     return float(ratio)
@@ -79,13 +80,9 @@ def check_ratio(ratio, name: str = "ratio") -> float:
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
     """The ratios as floats, or a ValueError naming the bad one and the allowed range."""
-    ratios = [float(r) for r in ratios]
-    if not ratios:
+    if not len(ratios):
         raise ValueError("ratios must hold at least one size ratio in (0, 1]")
-    for r in ratios:
-        if not 0 < r <= 1:
-            raise ValueError(f"ratios must lie in (0, 1], got {r}")
-    return ratios
+    return [check_size_ratio(r, "ratios") for r in ratios]
 
 
 @torch.no_grad()

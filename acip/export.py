@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from .data import hub_dataset_name
 from .default_model import HUB_NAME
-from .evaluation import check_ratio
+from .evaluation import check_size_ratio
 from .files import tree_files, write_atomically, write_json
 from .folders import (
     check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, replace_folder, replaceable, tidy,
@@ -114,7 +114,7 @@ def _check_export(model_dir: Path, out_dir: Path, settings: dict) -> str:
         check_repo_id(settings["repo_id"])
     ratio, quantize, dtype = settings["ratio"], settings["quantize"], settings["dtype"]
     if ratio is not None:
-        check_ratio(ratio)
+        check_size_ratio(ratio)
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {quantize!r}")
     if dtype is not None and dtype not in DTYPES:

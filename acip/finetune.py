@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .data import load_blocks
-from .evaluation import check_ratio, perplexity
+from .evaluation import check_size_ratio, perplexity
 from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir
@@ -56,7 +56,7 @@ class FinetuneConfig(TrainingConfig):
         """Clear errors for settings the run cannot use."""
         super().validate()
         if self.ratio is not None:
-            check_ratio(self.ratio)
+            check_size_ratio(self.ratio)
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
             raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {self.quantize!r}")
         if self.save not in SAVE_MODES:

@@ -390,7 +390,7 @@ def cli_finetune_resuming_an_acip_run(env):
     main(["finetune", str(env.acip), "--output-dir", str(env.root / "run"), "--resume"])
 
 
-@case(ValueError, r"ratios must lie in \(0, 1\]")
+@case(ValueError, r"ratios must be in \(0, 1\]")
 def cli_eval_ratio_out_of_range(env):
     main(["eval", str(env.acip), "--ratios", "0.5", "1.5"])
 
