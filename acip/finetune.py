@@ -24,7 +24,7 @@ from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
 from .base_model import load_base_model
-from .objective import language_model_loss
+from .objective import language_model_loss, teacher_logits
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
 
 ADAPTER_DIR = "adapter"
@@ -143,12 +143,9 @@ class FinetuneTask(Task):
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """Next-token cross entropy, distilled from the teacher when there is one."""
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
+        targets = teacher_logits(self.teacher, ids)  # (B, T, V) or None
         logits = self.model(input_ids=ids).logits  # (B, T, V)
-        return language_model_loss(logits, ids, teacher_logits, self.config.distill_alpha,
+        return language_model_loss(logits, ids, targets, self.config.distill_alpha,
                                    self.config.distill_temperature)  # fmt: skip
 
     def lr(self, step: int) -> float:

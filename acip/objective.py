@@ -22,6 +22,12 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+@torch.no_grad()
+def teacher_logits(teacher, ids: torch.Tensor) -> torch.Tensor | None:
+    """The frozen teacher's logits on ``ids`` (B, T, V) for distillation, or None when there is no teacher."""
+    return None if teacher is None else teacher(input_ids=ids).logits
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(teacher ‖ student) of the next-token distributions softened by T, mean over positions, in float32.
 

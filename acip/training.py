@@ -34,7 +34,7 @@ from .hub.modeling_acip import ACIPModel
 from .hub.pruning import rank_cost
 from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
-from .objective import ACIPObjective
+from .objective import ACIPObjective, teacher_logits
 from .records import RUN_FILE, RUN_LOG
 
 
@@ -215,13 +215,10 @@ class ACIPTask(Task):
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """The objective on one micro-batch: with the L1 term while pruning, distilled when there is a teacher."""
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
+        targets = teacher_logits(self.teacher, ids)  # (B, T, V) or None
         logits = self.model(input_ids=ids).logits  # (B, T, V)
         lam = self.objective.lam() if self.pruning else None
-        return self.objective.loss(logits, ids, self.masks, lam, teacher_logits)
+        return self.objective.loss(logits, ids, self.masks, lam, targets)
 
     def after_step(self, step: int) -> dict:
         """Scores follow the masks, dead ranks are sliced out, and pruning stops at the stop ratio."""
