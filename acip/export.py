@@ -1,7 +1,7 @@
 """Export a saved ACIP model as a folder ready for the Hugging Face Hub, check it the way a user will load it, and
 push it.
 
-An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the four
+An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the five
 remote-code files, ``requirements.txt`` and a ``README.md`` model card rendered from ``templates/model_card.md``:
 Hub front matter, a quick start naming the repository, what the size ratio means, the measured perplexity table
 when the model folder holds an ``acip eval`` result, how the model was made, dependencies, license and citation.
