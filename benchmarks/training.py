@@ -29,6 +29,7 @@ CONFIGS = {  # name -> overrides of the quick preset
     "float32": dict(compute_dtype="float32"),
     "bf16": dict(compute_dtype="bfloat16"),
     "bf16, no LoRA dropout": dict(compute_dtype="bfloat16", lora_dropout=0.0),
+    "bf16, no dropout, distill": dict(compute_dtype="bfloat16", lora_dropout=0.0, distill_alpha=0.5),
 }
 PHASES = ("forward and loss", "backward", "optimizer", "after step")
 KINDS = {  # operator name fragments -> kind of work
@@ -97,11 +98,15 @@ def main() -> None:
 
     print(f"ACIP step, quick preset (4 x 128 tokens), SmolLM2-135M, {torch.get_num_threads()} threads; "
           f"tokens/s, median [min - max] of {args.repeats} interleaved steps")  # fmt: skip
-    print(f"{'configuration':<24}{'full rank':>24}{'half the ranks dead':>28}{'x float32 (full)':>18}")
-    reference = statistics.median(full["float32"])
+    print(f"{'configuration':<28}{'full rank':>22}{'half the ranks dead':>24}{'x float32':>11}{'x float32':>11}")
     for name in CONFIGS:
-        print(f"{name:<24}{summary(full[name]):>24}{summary(half[name]):>28}"
-              f"{statistics.median(full[name]) / reference:>17.2f}x")  # fmt: skip
+        ratios = [statistics.median(by[name]) / statistics.median(by["float32"]) for by in (full, half)]
+        print(f"{name:<28}{summary(full[name]):>22}{summary(half[name]):>24}{ratios[0]:>10.2f}x{ratios[1]:>10.2f}x")
+    for name, loop in loops.items():
+        if loop.task.teacher is not None:
+            teacher = loop.task.teacher  # parameters() counts tied weights once
+            mib = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()]) / 2**20
+            print(f"{name}: the teacher (frozen copy of the base model) holds {mib:.0f} MiB")
     for name, (phases, kinds, seconds) in profiles.items():
         print(f"\none full-rank step, {name}: {seconds:.2f} s (profiled)")
         print("  by phase: " + ", ".join(f"{p} {phases[p]:.2f} s" for p in PHASES))
