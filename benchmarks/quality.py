@@ -46,8 +46,8 @@ RUNS = {
         "lambda_growth": 1.0175,
     },
     "new": {},  # the quick preset as it is now
-    "new@0.8": {"stop_ratio": 0.8},
-    "new@0.5": {"stop_ratio": 0.5},
+    "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated to one size: stop and post-tune there
+    "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
