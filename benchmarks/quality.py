@@ -45,6 +45,7 @@ RUNS = {
         "post_tune_sizes": "any",
         "lambda_growth": 1.0175,
     },
+    "new+lambda-1.025": {"lambda_growth": 1.025},  # the first candidate: λ slower, its time spent on post-tuning
     "new": {},  # the quick preset as it is now
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated to one size: stop and post-tune there
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
@@ -78,6 +79,16 @@ def acip_run(name: str, root: Path, max_blocks: int) -> dict:
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def training_tokens(name: str, root: Path, max_blocks: int) -> int:
+    """Training tokens of the ACIP run ``name``: from its record once trained (its evaluation may still be running
+    elsewhere), else from running it."""
+    record_file = root / name / RUN_FILE
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    if not record.get("finished"):
+        return acip_run(name, root, max_blocks)["tokens"]
+    return record["steps"] * record["global_batch"] * preset("quick", **RUNS[name]).block_size
 
 
 def peer_run(name: str, root: Path, tokens: int, max_blocks: int) -> dict:
@@ -156,7 +167,7 @@ def main() -> None:
         if name in RUNS:
             results[name] = acip_run(name, root, args.max_blocks)
         else:
-            tokens = acip_run(PEER_TOKENS_OF, root, args.max_blocks)["tokens"]
+            tokens = training_tokens(PEER_TOKENS_OF, root, args.max_blocks)
             results[name] = peer_run(name, root, tokens, args.max_blocks)
         print(f"{name}: {results[name].get('train_seconds', results[name]['wall_seconds']):.0f} s training", flush=True)
     print(table(results))
