@@ -54,6 +54,7 @@ class ACIPRunConfig(TrainingConfig):
     stop_ratio: float = field(default=0.4, metadata={"help": "stop pruning once the size ratio of the parametrized layers reaches this, in (0, 1)"})
     post_tune_steps: int = field(default=1000, metadata={"help": "LoRA-only steps with frozen masks after the stop ratio"})
     post_tune_sizes: str = field(default="stop", metadata={"help": "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any (each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])"})
+    post_tune_stop_share: float = field(default=0.0, metadata={"help": "with post_tune_sizes any or LOW:HIGH: the share of post-tune steps taken at the stop ratio, the rest at drawn sizes (the smallest size gains most from tuning)"})
     max_steps: int = field(default=20000, metadata={"help": "give up pruning after this many steps (the run still saves)"})
     mask_constant: float = field(default=2e-2, metadata={"help": "initial (and live) mask value c"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": "linear layers to parametrize (peft convention)"})
@@ -86,6 +87,8 @@ class ACIPRunConfig(TrainingConfig):
             raise ValueError(f"lambda_growth must be >= 1, got {self.lambda_growth!r}")
         if not self.post_tune_steps >= 0:
             raise ValueError(f"post_tune_steps must be >= 0, got {self.post_tune_steps!r}")
+        if not 0 <= self.post_tune_stop_share <= 1:
+            raise ValueError(f"post_tune_stop_share must be in [0, 1], got {self.post_tune_stop_share!r}")
         self.post_tune_range()
 
     def post_tune_range(self) -> tuple[float, float] | None:
@@ -211,10 +214,12 @@ class ACIPTask(Task):
         self.compactor = RankCompactor(self.layers, optimizer)
 
     def before_step(self, step: int) -> None:
-        """Post-tuning at any size: prune to this step's ratio (drawn from the configured range, seeded by step)."""
-        sizes = self.config.post_tune_range()
+        """Post-tuning at any size: prune to this step's ratio (the stop ratio for a share of the steps, else drawn
+        from the configured range; seeded by the step, so a resumed run draws the same)."""
+        c, sizes = self.config, self.config.post_tune_range()
         if not self.pruning and sizes is not None:
-            ratio = np.random.default_rng([self.config.seed, step]).uniform(*sizes)
+            rng = np.random.default_rng([c.seed, step])
+            ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
             self.acip_model.prune_model_by_score(compression_ratio=float(ratio))
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:

@@ -144,11 +144,22 @@ def test_any_size_post_tuning_with_distillation(corpus, tmp_path):
     assert pruned[-1]["size_ratio"] <= 0.5
 
 
+def test_a_share_of_any_size_post_tuning_stays_at_the_stop_ratio(corpus, tmp_path):
+    config = tiny_config(corpus, post_tune_sizes="any", post_tune_steps=8, post_tune_stop_share=0.5)
+    model = run_tiny(config, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    sizes = [r["size_ratio"] for r in log if r["phase"] == "post-tune"]
+    stop_size = model.prune_model_by_score(compression_ratio=0.5).get_size_ratio()
+    assert 0 < sizes.count(stop_size) < len(sizes) and len(set(sizes)) > 2  # some steps at the stop size, some drawn
+
+
 def test_run_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="stop_ratio"):
         run_tiny(tiny_config(corpus, stop_ratio=1.0), tmp_path / "a")
     with pytest.raises(ValueError, match="stop_ratio"):
         run_tiny(tiny_config(corpus, stop_ratio=0), tmp_path / "a")
+    with pytest.raises(ValueError, match="post_tune_stop_share"):
+        run_tiny(tiny_config(corpus, post_tune_stop_share=1.5), tmp_path / "a")
     for sizes in ("some", "0.2:0.1", "0:1", "0.5:1.5"):
         with pytest.raises(ValueError, match="post_tune_sizes"):
             run_tiny(tiny_config(corpus, post_tune_sizes=sizes), tmp_path / "a")
