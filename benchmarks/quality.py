@@ -45,8 +45,9 @@ RUNS = {
         "post_tune_sizes": "any",
         "lambda_growth": 1.0175,
     },
-    "new+lambda-1.025": {"lambda_growth": 1.025},  # the first candidate: λ slower, its time spent on post-tuning
-    "new+stop-share": {"post_tune_stop_share": 0.5},  # half the post-tune steps at the stop ratio
+    # the first candidate: a slower λ, no post-tune steps at the stop ratio
+    "new+lambda-1.025": {"lambda_growth": 1.025, "post_tune_stop_share": 0.0},
+    "new-stop-share": {"post_tune_stop_share": 0.0},  # every post-tune step at a drawn size
     "new": {},  # the quick preset as it is now
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated to one size: stop and post-tune there
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
