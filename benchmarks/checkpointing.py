@@ -27,7 +27,7 @@ def child(args: argparse.Namespace) -> dict:
     config = preset("quick", batch_size=args.batch_size, block_size=args.block_size,
                     gradient_checkpointing=args.child == "on")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        runtime = Runtime()
+        runtime = Runtime(compute_dtype=config.compute_dtype)
         loop = TrainingLoop(ACIPTask(config, runtime), tmp, runtime)
         data = loop.batches.batches()
         built = rss_bytes()
