@@ -34,7 +34,8 @@ def child(args: argparse.Namespace) -> dict:
         reset_peak_rss()
         loop.train_step(data)
         speeds = [loop.train_step(data)["tokens_per_s"] for _ in range(args.steps)]
-        return {"step_peak_mib": (peak_rss_bytes() - built) / MIB, "tokens_per_s": sum(speeds) / len(speeds)}
+        return {"step_peak_mib": (peak_rss_bytes() - built) / MIB, "tokens_per_s": sum(speeds) / len(speeds),
+                "compute_dtype": str(runtime.compute_dtype).removeprefix("torch.")}  # fmt: skip
 
 
 def main() -> None:
@@ -56,7 +57,8 @@ def main() -> None:
             sys.exit(done.stderr[-3000:])
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     off, on = results["off"], results["on"]
-    print(f"ACIP step on SmolLM2-135M, {args.batch_size} x {args.block_size} tokens, float32, mean of {args.steps}:")
+    print(f"ACIP step of the quick preset on SmolLM2-135M, {args.batch_size} x {args.block_size} tokens, "
+          f"{off['compute_dtype']} matrix products, mean of {args.steps}:")  # fmt: skip
     print("| gradient checkpointing | memory added by a step (MiB) | tokens/s |")
     print("|---|---:|---:|")
     for mode in ("off", "on"):
