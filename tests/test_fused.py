@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from conftest import tiny_acip_model, tiny_tokenizer, token_ids
 from transformers import AutoModelForCausalLM, pipeline
 
@@ -199,8 +200,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from transformers import AutoModel, AutoModelForCausalLM, pipeline
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
+from safetensors.torch import load_file
 folder = sys.argv[1]
-expected = torch.load(os.path.join(folder, "expected.pt"))
+expected = load_file(os.path.join(folder, "expected.safetensors"))
 for auto in (AutoModel, AutoModelForCausalLM):
     model = auto.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
@@ -222,7 +224,7 @@ def test_fused_folder_loads_through_remote_code_and_suits_the_pipeline(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     assert (tmp_path / "fusing.py").is_file()
     ids = token_ids(1, 7)
-    torch.save({"ids": ids, "logits": logits(fused, ids)}, tmp_path / "expected.pt")
+    save_file({"ids": ids, "logits": logits(fused, ids).contiguous()}, tmp_path / "expected.safetensors")
     done = subprocess.run([sys.executable, "-c", REMOTE_CHECK, str(tmp_path)], capture_output=True, text=True,
                           cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
