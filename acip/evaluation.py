@@ -9,6 +9,7 @@ globally by size (the paper's ablation; it collapses because layers differ in sc
 every layer to the same fraction of its parameters, keeping its largest singular values (the stronger baseline).
 """
 
+import numbers
 import math
 import os
 from collections.abc import Sequence
@@ -73,14 +74,15 @@ def pruning_restored(model: ACIPModel):
 def check_size_ratio(ratio, name: str = "ratio") -> float:
     """One size ratio to evaluate or fine-tune at, as a float, or a ValueError naming ``name`` and the allowed range
     (0, 1] (the model's own ``pruning.check_ratio`` also takes 0 and two names)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
         raise ValueError(f"{name} must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
     return float(ratio)
 
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
     """The ratios as floats, or a ValueError naming the bad one and the allowed range."""
-    if not len(ratios):
+    ratios = list(ratios)
+    if not ratios:
         raise ValueError("ratios must hold at least one size ratio in (0, 1]")
     return [check_size_ratio(r, "ratios") for r in ratios]
 

@@ -71,8 +71,7 @@ class TrainingConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        check_compute_dtype(self.compute_dtype)
         if not self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
@@ -88,6 +87,12 @@ def default(name: str, value):
     """The field ``name`` of TrainingConfig with another default: a task's config overrides a default, not the field."""
     base = next(f for f in dataclasses.fields(TrainingConfig) if f.name == name)
     return field(default=value, metadata=base.metadata)
+
+
+def check_compute_dtype(compute_dtype: str) -> None:
+    """A ValueError naming ``compute_dtype`` and its choices unless it is one of them."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -106,8 +111,7 @@ class Runtime:
     """
 
     def __init__(self, processes: Processes | None = None, compute_dtype: str = "auto"):
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+        check_compute_dtype(compute_dtype)
         self.processes = processes or Processes()
         self.device = self.processes.device
         cuda = self.device.type == "cuda"

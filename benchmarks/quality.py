@@ -62,35 +62,41 @@ def acip_run(name: str, root: Path, max_blocks: int) -> dict:
     result_file = folder / "bench.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    config = preset("quick", **RUNS[name])
-    record_file = folder / RUN_FILE
-    trained = record_file.exists() and json.loads(record_file.read_text()).get("finished")
-    start = time.perf_counter()
-    if not trained:  # a run whose evaluation was cut short is evaluated, not trained again
-        run_acip(config, folder, overwrite=True)
-    wall = time.perf_counter() - start if not trained else None
-    record = json.loads(record_file.read_text())
+    record, wall = finished_record(folder), None
+    if record is None:  # a run whose evaluation was cut short is evaluated, not trained again
+        start = time.perf_counter()
+        run_acip(preset("quick", **RUNS[name]), folder, overwrite=True)
+        wall, record = time.perf_counter() - start, finished_record(folder)
     report = evaluate_perplexity(folder, DEFAULT_DATA, RATIOS, max_blocks=max_blocks)
     write_report(report, folder)
     result = {
         "wall_seconds": wall,
         "train_seconds": record["train_seconds"],
         "steps": record["steps"],
-        "tokens": record["steps"] * record["global_batch"] * config.block_size,
+        "tokens": record_tokens(name, record),
         "perplexity": {data: {repr(r): p for r, p in by["ACIP"].items()} for data, by in report.results.items()},
     }
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
+def finished_record(folder: Path) -> dict | None:
+    """The run record in ``folder`` once its training finished, else None."""
+    record_file = folder / RUN_FILE
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    return record if record.get("finished") else None
+
+
+def record_tokens(name: str, record: dict) -> int:
+    """Training tokens of the finished ACIP run ``name``."""
+    return record["steps"] * record["global_batch"] * preset("quick", **RUNS[name]).block_size
+
+
 def training_tokens(name: str, root: Path, max_blocks: int) -> int:
     """Training tokens of the ACIP run ``name``: from its record once trained (its evaluation may still be running
     elsewhere), else from running it."""
-    record_file = root / name / RUN_FILE
-    record = json.loads(record_file.read_text()) if record_file.exists() else {}
-    if not record.get("finished"):
-        return acip_run(name, root, max_blocks)["tokens"]
-    return record["steps"] * record["global_batch"] * preset("quick", **RUNS[name]).block_size
+    record = finished_record(root / name)
+    return record_tokens(name, record) if record else acip_run(name, root, max_blocks)["tokens"]
 
 
 def peer_run(name: str, root: Path, tokens: int, max_blocks: int) -> dict:
