@@ -243,12 +243,13 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         """Replace the base LM's output head."""
         self.model.set_output_embeddings(value)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, logits_to_keep=0,
+                **kwargs):  # fmt: skip
         """The base causal LM's forward pass (same arguments, same outputs)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+        # The KV cache is not named here: transformers 5.25 renamed past_key_values to cache, and passing the name
+        # this version does not use (even as None) warns on every step; whichever the caller gave goes through.
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          labels=labels, logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
 
     def acip_layers(self) -> dict[str, nn.Module]:
         """The target layers by name (relative to the base LM): SVDLinear before compress, after it LowRankLinear or
