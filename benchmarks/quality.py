@@ -51,6 +51,10 @@ RUNS = {
     "new": {},  # the quick preset as it is now
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated to one size: stop and post-tune there
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
+    # levers tried on the new preset (2026-12-05)
+    "new+paced": {"lambda_schedule": "paced", "pruning_steps": 71},  # the size falls evenly over new's 71 steps
+    "new+T2": {"distill_temperature": 2.0},
+    "new+alpha0.9": {"distill_alpha": 0.9},
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
