@@ -18,6 +18,7 @@ processes, checkpoints, logs, saving). Beyond the original: dead ranks are slice
 import copy
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .records import RUN_FILE, RUN_LOG
 
 
 LAMBDA_SCHEDULES = ("exponential", "paced")
+POST_TUNE_LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ACIPRunConfig(TrainingConfig):
     stop_ratio: float = field(default=0.4, metadata={"help": "stop pruning once the size ratio of the parametrized layers reaches this, in (0, 1)"})
     post_tune_steps: int = field(default=1000, metadata={"help": "LoRA-only steps with frozen masks after the stop ratio"})
     post_tune_sizes: str = field(default="stop", metadata={"help": "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any (each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])"})
+    post_tune_lr_schedule: str = field(default="constant", metadata={"help": "learning rate of the post-tune steps: constant (lr, the paper's) or cosine (from lr down to 0 over the post-tune steps)", "choices": POST_TUNE_LR_SCHEDULES})
     post_tune_stop_share: float = field(default=0.0, metadata={"help": "with post_tune_sizes any or LOW:HIGH: the share of post-tune steps taken at the stop ratio, the rest at drawn sizes (the smallest size gains most from tuning)"})
     max_steps: int = field(default=20000, metadata={"help": "give up pruning after this many steps (the run still saves)"})
     mask_constant: float = field(default=2e-2, metadata={"help": "initial (and live) mask value c"})
@@ -87,6 +90,9 @@ class ACIPRunConfig(TrainingConfig):
             raise ValueError(f"lambda_growth must be >= 1, got {self.lambda_growth!r}")
         if not self.post_tune_steps >= 0:
             raise ValueError(f"post_tune_steps must be >= 0, got {self.post_tune_steps!r}")
+        if self.post_tune_lr_schedule not in POST_TUNE_LR_SCHEDULES:
+            raise ValueError(f"post_tune_lr_schedule must be one of {POST_TUNE_LR_SCHEDULES}, got "
+                             f"{self.post_tune_lr_schedule!r}")  # fmt: skip
         if not 0 <= self.post_tune_stop_share <= 1:
             raise ValueError(f"post_tune_stop_share must be in [0, 1], got {self.post_tune_stop_share!r}")
         self.post_tune_range()
@@ -223,6 +229,14 @@ class ACIPTask(Task):
             rng = np.random.default_rng([c.seed, step])
             ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
             self.acip_model.prune_model_by_score(compression_ratio=float(ratio))
+
+    def lr(self, step: int) -> float:
+        """``lr`` while pruning; in post-tuning constant or decaying to 0 by a cosine (post_tune_lr_schedule)."""
+        c = self.config
+        if self.pruning or c.post_tune_lr_schedule == "constant":
+            return c.lr
+        progress = self.summary["post_tune_steps"] / max(1, c.post_tune_steps)  # 0 on the first post-tune step
+        return c.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """The objective on one micro-batch: with the L1 term while pruning, distilled when there is a teacher."""

@@ -55,6 +55,8 @@ RUNS = {
     "new+paced": {"lambda_schedule": "paced", "pruning_steps": 71},  # the size falls evenly over new's 71 steps
     "new+T2": {"distill_temperature": 2.0},
     "new+alpha0.9": {"distill_alpha": 0.9},
+    "new+cosine": {"post_tune_lr_schedule": "cosine"},  # post-tune learning rate decays to 0
+    "new+lora-x4": {"lora_alpha": 64},  # LoRA scale alpha/r 2 instead of 0.5 (fine-tuning's)
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets

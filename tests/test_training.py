@@ -153,6 +153,15 @@ def test_a_share_of_any_size_post_tuning_stays_at_the_stop_ratio(corpus, tmp_pat
     assert 0 < sizes.count(stop_size) < len(sizes) and len(set(sizes)) > 2  # some steps at the stop size, some drawn
 
 
+def test_cosine_post_tune_learning_rate(corpus, tmp_path):
+    config = tiny_config(corpus, post_tune_steps=4, post_tune_lr_schedule="cosine", checkpoint_every=2)
+    run_tiny(config, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in log if r["phase"] == "prune"} == {1e-3}
+    post = [r["lr"] for r in log if r["phase"] == "post-tune"]
+    assert post == pytest.approx([1e-3, 1e-3 * (1 + 2**-0.5) / 2, 5e-4, 1e-3 * (1 - 2**-0.5) / 2])
+
+
 def test_run_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="stop_ratio"):
         run_tiny(tiny_config(corpus, stop_ratio=1.0), tmp_path / "a")
@@ -165,6 +174,8 @@ def test_run_errors(corpus, tmp_path):
             run_tiny(tiny_config(corpus, post_tune_sizes=sizes), tmp_path / "a")
     with pytest.raises(ValueError, match="distill_alpha"):
         run_tiny(tiny_config(corpus, distill_alpha=1.5), tmp_path / "a")
+    with pytest.raises(ValueError, match="post_tune_lr_schedule"):
+        run_tiny(tiny_config(corpus, post_tune_lr_schedule="linear"), tmp_path / "a")
     with pytest.raises(ValueError, match="compute_dtype"):
         run_tiny(tiny_config(corpus, compute_dtype="float16"), tmp_path / "a")
     with pytest.raises(ValueError, match="no linear layer"):
