@@ -24,7 +24,7 @@ import torch
 
 from .files import write_atomically, write_json
 from .hub.modeling_acip import ACIPModel
-from .memory import model_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .memory import model_bytes, own_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 REPORT_STEM = "eval_efficiency"  # eval_efficiency.json / .csv, next to the model
 _MIB = 2**20
@@ -39,10 +39,26 @@ class EfficiencyRow:
     params: int  # parameters of the whole model; a 4-bit weight counts as one parameter
     bytes: int  # bytes of parameters, buffers and 4-bit quantization constants in memory
     file_bytes: int  # size of its safetensors checkpoint on disk
-    rss_mib: float  # resident memory the model adds to the process once loaded and run (weights, caches)
+    rss_mib: float  # resident memory the model adds once loaded and run (weights, caches; no library code)
+    process_rss_mib: float  # what the process's resident set grew by (also library code paged in by the first runs)
     peak_rss_mib: float  # peak resident memory added while loading it and running prefill and decode
     prefill_tokens_per_s: float  # one sequence of prompt_tokens, one forward pass (best of repeats)
     decode_tokens_per_s: float  # greedy generation with the KV cache, batch 1, prompt excluded (best of repeats)
+
+
+def _resident(folder) -> tuple[int, int]:
+    """(the process's own resident bytes and those mapping ``folder``'s files, its whole resident set): the first
+    leaves out shared libraries, whose code pages the first matmuls bring in whatever the model (see
+    acip.memory.own_rss_bytes); where it cannot be told apart, both are the whole."""
+    whole = rss_bytes()
+    own = own_rss_bytes(folder)
+    return (whole if own is None else own), whole
+
+
+def _added_mib(before: tuple[int, int], folder) -> tuple[float, float]:
+    """MiB added since ``before`` (a :func:`_resident` reading): to the model's own memory, to the process's."""
+    own, whole = _resident(folder)
+    return (own - before[0]) / _MIB, (whole - before[1]) / _MIB
 
 
 def _timed(fn) -> float:
@@ -58,7 +74,7 @@ def _timed(fn) -> float:
 def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Load a saved ACIP model and measure it in this process; returns an EfficiencyRow's fields but name/ratio."""
     gc.collect()
-    before = rss_bytes()
+    before = _resident(folder)
     reset_peak_rss()
     model = ACIPModel.from_pretrained(folder).eval()
     if torch.cuda.is_available():  # resident figures then cover the host side only
@@ -79,14 +95,16 @@ def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int
     # Generating one token is the prompt's forward pass; the difference leaves the new_tokens - 1 decode steps.
     one = min(_timed(lambda: generate(1)) for _ in range(repeats))
     full = min(_timed(lambda: generate(new_tokens)) for _ in range(repeats))
+    rss_mib, process_rss_mib = _added_mib(before, folder)
     return {
         "params": model.get_num_params(full=True),
         "bytes": model_bytes(model),
         "file_bytes": sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")),
         # Weights may be memory-mapped from the checkpoint and become resident as they are first read: the
         # resident size is taken after the runs, when every weight has been used.
-        "rss_mib": (rss_bytes() - before) / _MIB,
-        "peak_rss_mib": (peak_rss_bytes() - before) / _MIB,
+        "rss_mib": rss_mib,
+        "process_rss_mib": process_rss_mib,
+        "peak_rss_mib": (peak_rss_bytes() - before[1]) / _MIB,
         "prefill_tokens_per_s": prompt_tokens / prefill,
         "decode_tokens_per_s": (new_tokens - 1) / max(full - one, 1e-9),
     }
@@ -143,13 +161,13 @@ def efficiency_report(
 def format_rows(rows: list[EfficiencyRow]) -> str:
     """A plain-text table of the rows, with ratios against the first (dense) row."""
     dense = rows[0]
-    header = (f"{'model':<16}{'params':>12}{'MiB':>9}{'on disk':>9}{'RSS MiB':>9}{'peak MiB':>10}"
+    header = (f"{'model':<16}{'params':>12}{'MiB':>9}{'on disk':>9}{'RSS MiB':>9}{'proc RSS':>10}{'peak MiB':>10}"
               f"{'prefill t/s':>13}{'decode t/s':>12}{'× decode':>10}{'× RSS':>8}")  # fmt: skip
     lines = [header]
     for row in rows:
         lines.append(
             f"{row.name:<16}{row.params:>12,}{row.bytes / _MIB:>9.1f}{row.file_bytes / _MIB:>9.1f}"
-            f"{row.rss_mib:>9.1f}{row.peak_rss_mib:>10.1f}{row.prefill_tokens_per_s:>13.1f}"
+            f"{row.rss_mib:>9.1f}{row.process_rss_mib:>10.1f}{row.peak_rss_mib:>10.1f}{row.prefill_tokens_per_s:>13.1f}"
             f"{row.decode_tokens_per_s:>12.1f}{row.decode_tokens_per_s / dense.decode_tokens_per_s:>10.2f}"
             f"{row.rss_mib / dense.rss_mib:>8.2f}"
         )
@@ -187,7 +205,7 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
     ``compile``: ``model.forward = torch.compile(model.forward)`` (a fused model laid out contiguous first), and
     decoding with a static KV cache of one fixed length, so each shape compiles once."""
     gc.collect()
-    before = rss_bytes()
+    before = _resident(folder)
     model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     if torch.cuda.is_available():
         model.to("cuda")
@@ -216,7 +234,7 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
         steps = best(lambda: generate(batch, new_tokens)) - best(lambda: generate(batch, 1))
         figures[f"decode_b{batch}"] = batch * (new_tokens - 1) / max(steps, 1e-9)
         if batch == batches[0]:  # the model as a chat user runs it: weights (all read by now) and a small cache
-            figures["rss_mib"] = (rss_bytes() - before) / _MIB
+            figures["rss_mib"], figures["process_rss_mib"] = _added_mib(before, folder)
     for length in prompts:
         start = time.perf_counter()
         model(ids[:1, :length], logits_to_keep=1)

@@ -4,7 +4,9 @@ ratios 0.8, 0.6 and 0.4, in float32 and bfloat16.
 Every configuration is saved once in its dtype (dense = the ACIP model compressed at ratio 1.0: the base model's
 shapes) and measured in a fresh process (acip.efficiency.measure_inference): greedy decode tokens/s at batch 1 and 8
 (generate, KV cache, prompt of 16 tokens), prefill tokens/s at 256 and 1024 tokens (one forward pass), resident
-memory after decoding at batch 1, and the seconds of the first calls (compilation for the compiled rows). The
+memory the model adds after decoding at batch 1 (its tensors, heap and checkpoint pages: "RSS"; and what the
+process's resident set grew by, which also holds ~30 MiB of library code that the first matmuls page in whatever the
+model: "process RSS"), and the seconds of the first calls (compilation for the compiled rows). The
 configurations run interleaved (every configuration once, then again, --repeats times), so that a slow spell of a
 shared machine hits all of them alike; each figure is the median over the repeats, with [min-max], and ratios are
 against the dense model of the same dtype, median to median. Decode ratios at batch 1 are also given per repeat
@@ -36,7 +38,7 @@ from acip.efficiency import measure_inference_in_subprocess
 RATIOS = (0.8, 0.6, 0.4)
 DTYPES = ("float32", "bfloat16")
 COLUMNS = (("decode_b1", "decode b1 t/s"), ("decode_b8", "decode b8 t/s"), ("prefill_256", "prefill 256 t/s"),
-           ("prefill_1024", "prefill 1024 t/s"), ("rss_mib", "RSS MiB"),
+           ("prefill_1024", "prefill 1024 t/s"), ("rss_mib", "RSS MiB"), ("process_rss_mib", "process RSS MiB"),
            ("first_calls_s", "first calls s"))  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Memory of an ACIP run (acip/memory.py): the meta-device estimate equals what a real model and peft hold, and
 parametrizing a model of a few hundred MB peaks below 1.15 x the finished parametrized model (RSS, fresh process)."""
 
+import mmap
 import os
 
 import pytest
@@ -10,7 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig
 
 from acip import ACIPModel
-from acip.memory import LLAMA2, estimate_run_memory, format_estimates, measure_parametrization
+from acip.memory import (
+    LLAMA2, estimate_run_memory, format_estimates, measure_parametrization, own_rss_bytes, rss_bytes,
+)  # fmt: skip
 
 
 # A 97M-parameter Llama: 389 MB dense, 588 MB parametrized, in float32.
@@ -50,3 +53,20 @@ def test_parametrizing_peaks_below_1_15_times_the_parametrized_model():
     result = measure_parametrization(FEW_HUNDRED_MB)
     assert 350e6 < result["base_bytes"] < 450e6 < result["parametrized_bytes"]  # a few hundred MB
     assert result["peak_rss_bytes"] < 1.15 * result["parametrized_bytes"], result
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_own_resident_memory_counts_mapped_files_of_the_folder_only(tmp_path):
+    mine, other = tmp_path / "model", tmp_path / "other"
+    mine.mkdir(), other.mkdir()
+    size = 16 * 2**20
+    for folder in (mine, other):
+        (folder / "weights.bin").write_bytes(os.urandom(size))
+    before_mine, before_whole = own_rss_bytes(mine), rss_bytes()
+    with open(mine / "weights.bin", "rb") as a, open(other / "weights.bin", "rb") as b:
+        ma, mb = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for f in (a, b))
+        sum(ma[i] + mb[i] for i in range(0, size, 4096))  # page both files in
+        grown_mine, grown_whole = own_rss_bytes(mine) - before_mine, rss_bytes() - before_whole
+        ma.close(), mb.close()
+    assert size * 0.9 < grown_mine < size * 1.5  # its own file, not the other folder's
+    assert grown_whole > size * 1.9  # the process's resident set holds both
