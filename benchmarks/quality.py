@@ -57,6 +57,11 @@ RUNS = {
     "new+alpha0.9": {"distill_alpha": 0.9},
     "new+cosine": {"post_tune_lr_schedule": "cosine"},  # post-tune learning rate decays to 0
     "new+lora-x4": {"lora_alpha": 64},  # LoRA scale alpha/r 2 instead of 0.5 (fine-tuning's)
+    "new+a0.9+x4": {"distill_alpha": 0.9, "lora_alpha": 64},
+    "new+a0.9+x8": {"distill_alpha": 0.9, "lora_alpha": 128},
+    # α 0.9 reaches the stop ratio in fewer steps: the time saved goes to post-tuning (140 steps instead of 120)
+    "a0.9+x8+pt140": {"distill_alpha": 0.9, "lora_alpha": 128, "post_tune_steps": 140},
+    "a0.9+x16+pt140": {"distill_alpha": 0.9, "lora_alpha": 256, "post_tune_steps": 140},
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
