@@ -27,9 +27,11 @@ from acip.records import RUN_FILE
 from acip.report import write_report
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-# The quick preset as it was on 2026-11-25 (float32 compute), the reference of issue 16.
+# The quick preset as it was on the morning of 2026-11-25 (float32 compute), the reference of issue 16.
 TODAY = dict(compute_dtype="float32", lambda_init=5e-3, lambda_growth=1.035, post_tune_steps=60,
-             post_tune_sizes="stop", distill_alpha=0.0, lora_dropout=0.05)  # fmt: skip
+             post_tune_sizes="stop", distill_alpha=0.0, lora_dropout=0.05, lora_alpha=16)  # fmt: skip
+# The quick preset from the evening of 2026-11-25 to 2026-12-06: bf16, distillation α 0.5, any-size post-tuning.
+NOV25 = dict(distill_alpha=0.5, lora_alpha=16, post_tune_steps=120)
 RUNS = {
     "today": TODAY,
     "bf16": {**TODAY, "compute_dtype": "auto"},
@@ -37,7 +39,7 @@ RUNS = {
     "bf16+distill": {**TODAY, "compute_dtype": "auto", "distill_alpha": 0.5},
     "bf16+slow-lambda": {**TODAY, "compute_dtype": "auto", "lambda_growth": 1.0175},
     "bf16+paced": {**TODAY, "compute_dtype": "auto", "lambda_schedule": "paced", "pruning_steps": 120},
-    # combinations tried on the way to the new default
+    # combinations tried on the way to the 2026-11-25 preset
     "bf16+distill+any+slow": {
         **TODAY,
         "compute_dtype": "auto",
@@ -45,23 +47,26 @@ RUNS = {
         "post_tune_sizes": "any",
         "lambda_growth": 1.0175,
     },
-    # the first candidate: a slower λ, no post-tune steps at the stop ratio
-    "new+lambda-1.025": {"lambda_growth": 1.025, "post_tune_stop_share": 0.0},
-    "new-stop-share": {"post_tune_stop_share": 0.0},  # every post-tune step at a drawn size
-    "new": {},  # the quick preset as it is now
-    "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated to one size: stop and post-tune there
-    "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
-    # levers tried on the new preset (2026-12-05)
-    "new+paced": {"lambda_schedule": "paced", "pruning_steps": 71},  # the size falls evenly over new's 71 steps
-    "new+T2": {"distill_temperature": 2.0},
-    "new+alpha0.9": {"distill_alpha": 0.9},
-    "new+cosine": {"post_tune_lr_schedule": "cosine"},  # post-tune learning rate decays to 0
-    "new+lora-x4": {"lora_alpha": 64},  # LoRA scale alpha/r 2 instead of 0.5 (fine-tuning's)
-    "new+a0.9+x4": {"distill_alpha": 0.9, "lora_alpha": 64},
-    "new+a0.9+x8": {"distill_alpha": 0.9, "lora_alpha": 128},
+    "nov25+lambda-1.025": {**NOV25, "lambda_growth": 1.025, "post_tune_stop_share": 0.0},
+    "nov25-stop-share": {**NOV25, "post_tune_stop_share": 0.0},  # every post-tune step at a drawn size
+    "nov25": NOV25,
+    "nov25@0.8": {**NOV25, "stop_ratio": 0.8, "post_tune_sizes": "stop"},  # dedicated: stop and post-tune there
+    "nov25@0.5": {**NOV25, "stop_ratio": 0.5, "post_tune_sizes": "stop"},
+    # levers tried on the 2026-11-25 preset (2026-12-06)
+    "nov25+paced": {**NOV25, "lambda_schedule": "paced", "pruning_steps": 71},  # an even pace over its 71 steps
+    "nov25+T2": {**NOV25, "distill_temperature": 2.0},
+    "nov25+alpha0.9": {**NOV25, "distill_alpha": 0.9},
+    "nov25+cosine": {**NOV25, "post_tune_lr_schedule": "cosine"},  # post-tune learning rate decays to 0
+    "nov25+lora-x4": {**NOV25, "lora_alpha": 64},  # LoRA scale alpha/r 2 instead of 0.5 (fine-tuning's)
+    "nov25+a0.9+x4": {**NOV25, "distill_alpha": 0.9, "lora_alpha": 64},
+    "nov25+a0.9+x8": {**NOV25, "distill_alpha": 0.9, "lora_alpha": 128},
     # α 0.9 reaches the stop ratio in fewer steps: the time saved goes to post-tuning (140 steps instead of 120)
-    "a0.9+x8+pt140": {"distill_alpha": 0.9, "lora_alpha": 128, "post_tune_steps": 140},
-    "a0.9+x16+pt140": {"distill_alpha": 0.9, "lora_alpha": 256, "post_tune_steps": 140},
+    "nov25+a0.9+x8+pt140": {**NOV25, "distill_alpha": 0.9, "lora_alpha": 128, "post_tune_steps": 140},
+    "new": {},  # the quick preset as it is now: α 0.9, LoRA scale 8, 140 post-tune steps
+    "new-seed1": {"seed": 1},  # another draw of data, LoRA init and post-tune sizes: the spread of one row
+    "new+share0.6": {"post_tune_stop_share": 0.6},
+    "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},
+    "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
