@@ -228,5 +228,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
