@@ -23,6 +23,7 @@ import torch
 from acip import preset, run_acip
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
 from acip.finetune import FinetuneConfig, finetune
+from acip.checkpoints import LATEST
 from acip.records import RUN_FILE
 from acip.report import write_report
 
@@ -65,6 +66,7 @@ RUNS = {
     "new": {},  # the quick preset as it is now: α 0.9, LoRA scale 8, 140 post-tune steps
     "new-seed1": {"seed": 1},  # another draw of data, LoRA init and post-tune sizes: the spread of one row
     "new+share0.6": {"post_tune_stop_share": 0.6},
+    "new+weight-basis": {"basis": "weight"},  # the paper's basis (benchmarks/basis.py reuses this run)
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
 }
@@ -80,9 +82,11 @@ def acip_run(name: str, root: Path, max_blocks: int) -> dict:
         return json.loads(result_file.read_text())
     record, wall = finished_record(folder), None
     if record is None:  # a run whose evaluation was cut short is evaluated, not trained again
+        # a run killed mid-training goes on from its last checkpoint (its wall-clock is then unknown)
+        resume = (folder / "checkpoints" / LATEST).exists()
         start = time.perf_counter()
-        run_acip(preset("quick", **RUNS[name]), folder, overwrite=True)
-        wall, record = time.perf_counter() - start, finished_record(folder)
+        run_acip(preset("quick", **RUNS[name]), folder, resume=resume, overwrite=not resume)
+        wall, record = None if resume else time.perf_counter() - start, finished_record(folder)
     report = evaluate_perplexity(folder, DEFAULT_DATA, RATIOS, max_blocks=max_blocks)
     write_report(report, folder)
     result = {
