@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from acip import preset, run_acip
+from acip.checkpoints import latest_checkpoint
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
 from acip.finetune import FinetuneConfig, finetune
-from acip.checkpoints import LATEST
 from acip.records import RUN_FILE
 from acip.report import write_report
 
@@ -83,10 +83,12 @@ def acip_run(name: str, root: Path, max_blocks: int) -> dict:
     record, wall = finished_record(folder), None
     if record is None:  # a run whose evaluation was cut short is evaluated, not trained again
         # a run killed mid-training goes on from its last checkpoint (its wall-clock is then unknown)
-        resume = (folder / "checkpoints" / LATEST).exists()
+        resume = latest_checkpoint(folder) is not None
         start = time.perf_counter()
         run_acip(preset("quick", **RUNS[name]), folder, resume=resume, overwrite=not resume)
-        wall, record = None if resume else time.perf_counter() - start, finished_record(folder)
+        if not resume:
+            wall = time.perf_counter() - start
+        record = finished_record(folder)
     report = evaluate_perplexity(folder, DEFAULT_DATA, RATIOS, max_blocks=max_blocks)
     write_report(report, folder)
     result = {
