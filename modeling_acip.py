@@ -322,22 +322,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             rank_multiple: round each layer's kept rank up to a multiple of this (e.g. 8, 16, 64: aligned shapes for
                 kernels that prefer them); the plan is still the smallest ≥ the target (the largest within a budget).
         """
-        other = _outside_num_params(self, full)
-        layers = list(self._prunable_layers().values())
-        scores, shapes = [m.score for m in layers], [(m.in_features, m.out_features) for m in layers]
-        if memory_budget is not None:
-            if compression_ratio is not None or size_ratio is not None:
-                raise ValueError("pass either a compression_ratio or a memory_budget, not both")
-            storage = _storage(self, dtype)
-            budget = bytes_budget(memory_budget, _fixed_bytes(self, storage), storage)
-            keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple)
-        else:
-            if dtype is not None:
-                raise ValueError("dtype only applies to memory_budget")
-            ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
-            fixed = other + sum(m.out_features for m in layers if m.bias is not None)
-            keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full), rank_multiple)
-        for layer, kept in zip(layers, keep):
+        plan = pruning_plan(self, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple)
+        for layer, kept in zip(self._prunable_layers().values(), plan):
             layer.set_kept(kept)
         return self
 
@@ -436,6 +422,28 @@ def _outside_num_params(model: "ACIPModel", full: bool) -> int:
     outside = [p for p in model.model.parameters() if id(p) not in inside]
     states = [getattr(p, "quant_state", None) for p in outside]  # 4-bit storage is packed: count logical weights
     return sum(p.numel() if state is None else state.shape.numel() for p, state in zip(outside, states))
+
+
+def pruning_plan(model: "ACIPModel", compression_ratio=None, size_ratio=None, full=False, memory_budget=None,
+                 dtype=None, rank_multiple=1) -> list[torch.Tensor]:
+    """The boolean keep mask (k,) per SVD layer (in ``acip_layers`` order) that :meth:`ACIPModel.prune_model_by_score`
+    sets for these arguments, without setting it."""
+    other = _outside_num_params(model, full)
+    layers = list(model._prunable_layers().values())
+    scores, shapes = [m.score for m in layers], [(m.in_features, m.out_features) for m in layers]
+    if memory_budget is not None:
+        if compression_ratio is not None or size_ratio is not None:
+            raise ValueError("pass either a compression_ratio or a memory_budget, not both")
+        storage = _storage(model, dtype)
+        budget = bytes_budget(memory_budget, _fixed_bytes(model, storage), storage)
+        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple)
+    else:
+        if dtype is not None:
+            raise ValueError("dtype only applies to memory_budget")
+        ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
+        fixed = other + sum(m.out_features for m in layers if m.bias is not None)
+        keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full), rank_multiple)
+    return keep
 
 
 def _dense_num_params(model: "ACIPModel") -> int:

@@ -1,6 +1,7 @@
 """Computing only the ranks still alive: while ACIP trains, dead singular values are sliced out of the SVD layers
 (factors, LoRA adapters on the factors, masks and their optimizer state), so steps get cheaper as masks die; at the
-end they are put back exactly, giving the full prunable model again.
+end they are put back exactly, giving the full prunable model again. Post-tuning at drawn sizes computes only the
+ranks each step's size keeps (PrefixSlicer).
 
 A mask that reaches zero stays dead in practice: the straight-through gradient is zero there and Adam's momentum keeps
 pushing it down, so dropping it changes nothing but the cost of a step.
@@ -75,6 +76,14 @@ class RankCompactor:
         self.alive[name] = self.alive[name][kept]
         _set_rank(layer, kept.numel())
 
+    @torch.no_grad()
+    def reorder(self, name: str, order: torch.Tensor) -> None:
+        """Permute the computed ranks of layer ``name`` (``order`` indexes its computed positions); the layer computes
+        the same map, and :meth:`full` / :meth:`restore` still put every rank back where it was."""
+        for _, tensor, dim in rank_slots(self.layers[name]):
+            self._slice(tensor, dim, order.to(tensor.device))
+        self.alive[name] = self.alive[name][order.cpu()]
+
     def _slice(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """Keep ``index`` along ``dim`` of a parameter, and of its optimizer state."""
         old_shape = tensor.shape
@@ -135,3 +144,69 @@ class RankCompactor:
             _set_rank(layer, self.full_rank[name])
             self.alive[name] = torch.arange(self.full_rank[name])
             self.stash[name] = {}
+
+
+class PrefixSlicer:
+    """Computes only the first ``k`` ranks of each SVD layer for a step, then gives the layers their full rank back.
+
+    With each layer's ranks ordered best first (:meth:`RankCompactor.reorder` by score), every size the planner picks
+    keeps a prefix of every layer, so a post-tune step at a drawn size costs that size instead of the full rank.
+    Frozen tensors (factors, masks) are narrowed as views, without a copy; trainable ones (LoRA) whose view would not be
+    contiguous are copied, with their optimizer state, and written back by :meth:`widen` (fused AdamW on the CPU writes
+    a non-contiguous parameter as if it were contiguous: torch 2.13).
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer):
+        self.layers = layers
+        self.optimizer = optimizer
+        self._narrowed: list[tuple[torch.Tensor, torch.Tensor, int, bool, dict[int, torch.Tensor]]] = []
+        self._ranks: dict[str, int] = {}  # full rank of each narrowed layer
+
+    @torch.no_grad()
+    def narrow(self, ranks: dict[str, int]) -> None:
+        """Let layer ``name`` compute its first ``ranks[name]`` ranks only (layers not named keep all)."""
+        self.widen()
+        for name, rank in ranks.items():
+            layer = self.layers[name]
+            if rank >= layer.rank:
+                continue
+            self._ranks[name] = layer.rank
+            for _, tensor, dim in rank_slots(layer):
+                self._narrow(tensor, dim, rank)
+            _set_rank(layer, rank)
+
+    def _narrow(self, tensor: torch.Tensor, dim: int, rank: int) -> None:
+        """Narrow one rank-indexed parameter and its optimizer state to the first ``rank`` along ``dim``."""
+        wide = tensor.data
+        part = wide.narrow(dim, 0, rank)
+        copied = tensor.requires_grad and not part.is_contiguous()
+        tensor.data = part.contiguous() if copied else part
+        states = {}
+        for value in self.optimizer.state.get(tensor, {}).values():
+            if torch.is_tensor(value) and value.shape == wide.shape:
+                states[id(value)] = value.data
+                value.data = value.data.narrow(dim, 0, rank).contiguous() if copied else value.data.narrow(dim, 0, rank)
+        tensor.grad = None
+        self._narrowed.append((tensor, wide, dim, copied, states))
+
+    @torch.no_grad()
+    def widen(self) -> None:
+        """Every layer back at its full rank, with what the step changed in the narrowed part kept."""
+        for tensor, wide, dim, copied, states in self._narrowed:
+            narrow_shape = tensor.shape
+            if copied:
+                wide.narrow(dim, 0, narrow_shape[dim]).copy_(tensor.data)
+            tensor.data = wide
+            tensor.grad = None
+            for value in self.optimizer.state.get(tensor, {}).values():
+                if not (torch.is_tensor(value) and value.shape == narrow_shape):
+                    continue
+                full = states.get(id(value))
+                if full is None:  # state the step created: zeros for the ranks it did not see
+                    full = value.new_zeros(wide.shape)
+                if copied or id(value) not in states:
+                    full.narrow(dim, 0, narrow_shape[dim]).copy_(value.data)
+                value.data = full
+        for name, rank in self._ranks.items():
+            _set_rank(self.layers[name], rank)
+        self._narrowed, self._ranks = [], {}

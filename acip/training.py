@@ -27,11 +27,11 @@ import torch
 
 from .base_model import DEVICE_MAPS, check_device_map, load_base_model
 from .build import parametrize
-from .compaction import RankCompactor, rank_slots
+from .compaction import PrefixSlicer, RankCompactor, rank_slots
 from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
-from .hub.modeling_acip import ACIPModel
+from .hub.modeling_acip import ACIPModel, pruning_plan
 from .hub.pruning import rank_cost
 from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
@@ -220,17 +220,21 @@ class ACIPTask(Task):
         return [{"params": self.masks}, {"params": list(self.lora.values())}]
 
     def prepare(self, optimizer: torch.optim.Optimizer) -> None:
-        """Dead ranks are sliced out of the layers and of the optimizer state as they die."""
+        """Dead ranks are sliced out of the layers and of the optimizer state as they die; post-tune steps at drawn
+        sizes compute only the ranks of their size."""
         self.compactor = RankCompactor(self.layers, optimizer)
+        self.slicer = PrefixSlicer(self.layers, optimizer)
 
     def before_step(self, step: int) -> None:
         """Post-tuning at any size: prune to this step's ratio (the stop ratio for a share of the steps, else drawn
-        from the configured range; seeded by the step, so a resumed run draws the same)."""
+        from the configured range; seeded by the step, so a resumed run draws the same). The ranks are ordered best
+        first (see _freeze_masks), so the plan keeps a prefix of each layer, and the step computes only that."""
         c, sizes = self.config, self.config.post_tune_range()
         if not self.pruning and sizes is not None:
             rng = np.random.default_rng([c.seed, step])
             ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
-            self.acip_model.prune_model_by_score(compression_ratio=float(ratio))
+            plan = pruning_plan(self.acip_model, compression_ratio=float(ratio))  # by the scores, not by position
+            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)})
 
     def lr(self, step: int) -> float:
         """``lr`` while pruning; in post-tuning constant or decaying to 0 by a cosine (post_tune_lr_schedule)."""
@@ -251,6 +255,7 @@ class ACIPTask(Task):
         """Scores follow the masks, dead ranks are sliced out, and pruning stops at the stop ratio."""
         ratio = self.acip_model.get_size_ratio()
         if not self.pruning:
+            self.slicer.widen()
             self.summary["post_tune_steps"] += 1
             return {"phase": "post-tune", "size_ratio": ratio}
         for name, layer in self.layers.items():
@@ -284,8 +289,11 @@ class ACIPTask(Task):
             mask.requires_grad_(False)
         if self.config.post_tune_range() is None:
             self.compactor.compact_dead(force=True)
-        else:  # every size is post-tuned: every rank must be computable again
+        else:  # every size is post-tuned: every rank must be computable again, best first
             self.compactor.restore(keep_optimizer_state=True)
+            for name, layer in self.layers.items():
+                layer.set_kept(torch.ones_like(layer.kept))  # a step's size is the prefix it computes
+                self.compactor.reorder(name, best_first(layer.score))
 
     def phase(self, step: int) -> tuple[str, int, int | None]:
         """Pruning (open-ended), then LoRA post-tuning."""
@@ -332,9 +340,13 @@ class ACIPTask(Task):
             for key, tensor, _ in rank_slots(layer):
                 tensor.data = tensors[f"layer.{name}.{key}"].to(device=tensor.device, dtype=tensor.dtype)
             layer.score.copy_(tensors[f"score.{name}"])
+            alive = tensors[f"alive.{name}"]
             keep = torch.zeros(self.compactor.full_rank[name], dtype=torch.bool)
-            keep[tensors[f"alive.{name}"]] = True
+            keep[alive] = True
             self.compactor.compact(name, keep)
+            order = torch.searchsorted(self.compactor.alive[name], alive)  # the checkpoint's order of the ranks
+            if not torch.equal(order, torch.arange(order.numel())):
+                self.compactor.reorder(name, order)
         self.pruning, self.objective.growths = meta["pruning"], meta["lambda_growths"]
         for mask in self.masks:
             mask.requires_grad_(self.pruning)
@@ -351,6 +363,12 @@ class ACIPTask(Task):
             model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
         return model
+
+
+def best_first(score: torch.Tensor) -> torch.Tensor:
+    """A layer's rank positions by score, best first, ties in position order: the order in which the planner
+    (acip.hub.pruning.Ranking) keeps a layer's ranks, so that any size it picks keeps a prefix."""
+    return torch.sort(score.detach().cpu(), descending=True, stable=True).indices
 
 
 def frozen_teacher(base_model, runtime):

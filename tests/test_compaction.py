@@ -1,13 +1,16 @@
 """Slicing dead ranks out of SVD layers during training, and putting them back exactly (acip/compaction.py)."""
 
+import copy
+
 import torch
 from conftest import tiny_acip_model, token_ids
 from peft import LoraConfig, get_peft_model
 
-from acip.compaction import RankCompactor, rank_slots
+from acip.compaction import PrefixSlicer, RankCompactor, rank_slots
+from acip.training import best_first
 
 
-def _lora_model():
+def _lora_model(fused=False):
     model = tiny_acip_model("qwen2")
     model.requires_grad_(False)
     layers = model.acip_layers()
@@ -17,7 +20,7 @@ def _lora_model():
     for layer in layers.values():
         layer.mask.requires_grad_(True)
     params = [layer.mask for layer in layers.values()] + [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    return model, peft_model, layers, torch.optim.AdamW(params, lr=1e-3)
+    return model, peft_model, layers, torch.optim.AdamW(params, lr=1e-3, fused=fused)
 
 
 def _logits(model):
@@ -94,3 +97,61 @@ def test_restore_can_keep_the_optimizer_state_of_the_computed_ranks():
     assert restored.shape == moments.shape
     assert torch.equal(restored[keep], moments[keep]) and not restored[~keep].any()
     optimizer.step()  # the widened state fits the full-rank tensors again
+
+
+def _slot(layer, key):
+    return next(tensor for name, tensor, _ in rank_slots(layer) if name == key)
+
+
+def _step(peft_model, optimizer):
+    loss = peft_model(input_ids=token_ids(), labels=token_ids()).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix():
+    # As in any-size post-tuning: masks frozen at c, ranks ordered by score, a step computes the first k of each layer.
+    model, peft_model, layers, optimizer = _lora_model(fused=True)  # the loop's fused AdamW (see PrefixSlicer)
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers.values():
+        layer.mask.requires_grad_(False)
+        layer.score.copy_(torch.randn(layer.rank, generator=generator))
+    _step(peft_model, optimizer)  # LoRA has optimizer state to narrow along
+    compactor = RankCompactor(layers, optimizer)
+    for name, layer in layers.items():
+        compactor.reorder(name, best_first(layer.score))
+        assert torch.equal(compactor.alive[name], best_first(layer.score))
+    ranks = {name: int(torch.randint(1, layer.rank, (1,), generator=generator)) for name, layer in layers.items()}
+
+    masked, masked_optimizer = copy.deepcopy((peft_model, optimizer))  # the reference: full rank, masked
+    masked_layers = masked.base_model.model.acip_layers()
+    for name, layer in masked_layers.items():
+        layer.mask.data[ranks[name]:] = 0.0
+    before = {name: {k: t.detach().clone() for k, t, _ in rank_slots(layer)} for name, layer in layers.items()}
+    moments = {name: optimizer.state[_slot(layer, "u.lora_A.default.weight")]["exp_avg"].clone()
+               for name, layer in layers.items()}
+
+    slicer = PrefixSlicer(layers, optimizer)
+    slicer.narrow(ranks)
+    for name, layer in layers.items():
+        assert layer.rank == layer.mask.numel() == layer.u.in_features == ranks[name]
+    loss = _step(peft_model, optimizer)
+    slicer.widen()
+    torch.testing.assert_close(loss, _step(masked, masked_optimizer), atol=1e-5, rtol=0)
+
+    for name, layer in layers.items():
+        k = ranks[name]
+        assert layer.rank == layer.mask.numel() == layer.u.in_features == compactor.full_rank[name]
+        for key, tensor, dim in rank_slots(layer):
+            trained, untouched = tensor.detach().split([k, tensor.shape[dim] - k], dim)
+            assert torch.equal(untouched, before[name][key].split([k, tensor.shape[dim] - k], dim)[1]), (name, key)
+            if "lora" in key:  # the computed part took the masked model's step
+                expected = _slot(masked_layers[name], key).detach().split([k, tensor.shape[dim] - k], dim)[0]
+                torch.testing.assert_close(trained, expected, atol=1e-6, rtol=0)
+                assert not torch.equal(trained, before[name][key].split([k, tensor.shape[dim] - k], dim)[0])
+        lora_a = _slot(layer, "u.lora_A.default.weight")
+        state = optimizer.state[lora_a]["exp_avg"]
+        assert state.shape == lora_a.shape and torch.equal(state[:, k:], moments[name][:, k:])
+    _step(peft_model, optimizer)  # full rank again, state included

@@ -91,22 +91,24 @@ def test_tiny_run_reaches_the_stop_ratio_and_orders_scores_by_death(corpus, tmp_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-class DiesAtStep23(ACIPTask):
-    """Killed inside optimizer step 23: after masks began to die (~step 19), during post-tuning."""
+class DiesAtStep27(ACIPTask):
+    """Killed inside optimizer step 27: in post-tuning (pruning stops after step 21), after a checkpoint there."""
 
     def loss(self, ids, step):
-        if step == 22:
+        if step == 26:
             raise KeyboardInterrupt("killed")
         return super().loss(ids, step)
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path):
-    config = tiny_config(corpus, checkpoint_every=4, lora_dropout=0.1, grad_accum=2)
+@pytest.mark.parametrize("sizes", ["stop", "any"])  # any: the checkpoint holds ranks reordered best first
+def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, sizes):
+    config = tiny_config(corpus, checkpoint_every=4, lora_dropout=0.1, grad_accum=2, post_tune_sizes=sizes,
+                         post_tune_steps=8)  # fmt: skip
     straight = run_tiny(config, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        run_task(DiesAtStep23, config, tmp_path / "resumed")
+        run_task(DiesAtStep27, config, tmp_path / "resumed")
     latest = tmp_path / "resumed" / "checkpoints" / "latest.json"
-    assert json.loads(latest.read_text()) == {"checkpoint": "step-0000020"}
+    assert json.loads(latest.read_text()) == {"checkpoint": "step-0000024"}
     resumed = run_tiny(config, tmp_path / "resumed", resume=True)
 
     for name, score in straight.score_map.items():
