@@ -161,19 +161,26 @@ class PrefixSlicer:
         self.optimizer = optimizer
         self._narrowed: list[tuple[torch.Tensor, torch.Tensor, int, bool, dict[int, torch.Tensor]]] = []
         self._ranks: dict[str, int] = {}  # full rank of each narrowed layer
+        self._masked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mask entries set to 0, their values before)
 
     @torch.no_grad()
-    def narrow(self, ranks: dict[str, int]) -> None:
-        """Let layer ``name`` compute its first ``ranks[name]`` ranks only (layers not named keep all)."""
+    def narrow(self, ranks: dict[str, int], multiple: int = 1) -> None:
+        """Let layer ``name`` compute its first ``ranks[name]`` ranks only (layers not named keep all). With
+        ``multiple`` > 1 it computes them rounded up to a multiple (or its full rank), the extra ones masked to zero:
+        fewer distinct shapes, which bf16 kernels on the CPU (oneDNN) would otherwise compile anew almost every step."""
         self.widen()
         for name, rank in ranks.items():
             layer = self.layers[name]
-            if rank >= layer.rank:
+            computed = min(-(-rank // multiple) * multiple, layer.rank)
+            if computed > rank:
+                self._masked.append((layer.mask.data[rank:computed], layer.mask.data[rank:computed].clone()))
+                layer.mask.data[rank:computed] = 0.0
+            if computed >= layer.rank:
                 continue
             self._ranks[name] = layer.rank
             for _, tensor, dim in rank_slots(layer):
-                self._narrow(tensor, dim, rank)
-            _set_rank(layer, rank)
+                self._narrow(tensor, dim, computed)
+            _set_rank(layer, computed)
 
     def _narrow(self, tensor: torch.Tensor, dim: int, rank: int) -> None:
         """Narrow one rank-indexed parameter and its optimizer state to the first ``rank`` along ``dim``."""
@@ -209,4 +216,6 @@ class PrefixSlicer:
                 value.data = full
         for name, rank in self._ranks.items():
             _set_rank(self.layers[name], rank)
-        self._narrowed, self._ranks = [], {}
+        for entries, values in self._masked:
+            entries.copy_(values)
+        self._narrowed, self._ranks, self._masked = [], {}, []

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from conftest import tiny_acip_model, token_ids
 from peft import LoraConfig, get_peft_model
@@ -111,8 +112,10 @@ def _step(peft_model, optimizer):
     return loss.detach()
 
 
-def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix():
-    # As in any-size post-tuning: masks frozen at c, ranks ordered by score, a step computes the first k of each layer.
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix(multiple):
+    # As in any-size post-tuning: masks frozen at c, ranks ordered by score, a step computes the first k of each layer
+    # (with a multiple: k rounded up, the extra ranks masked).
     model, peft_model, layers, optimizer = _lora_model(fused=True)  # the loop's fused AdamW (see PrefixSlicer)
     generator = torch.Generator().manual_seed(0)
     for layer in layers.values():
@@ -124,6 +127,7 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix():
         compactor.reorder(name, best_first(layer.score))
         assert torch.equal(compactor.alive[name], best_first(layer.score))
     ranks = {name: int(torch.randint(1, layer.rank, (1,), generator=generator)) for name, layer in layers.items()}
+    computed = {name: min(-(-k // multiple) * multiple, layers[name].rank) for name, k in ranks.items()}
 
     masked, masked_optimizer = copy.deepcopy((peft_model, optimizer))  # the reference: full rank, masked
     masked_layers = masked.base_model.model.acip_layers()
@@ -134,23 +138,28 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix():
                for name, layer in layers.items()}
 
     slicer = PrefixSlicer(layers, optimizer)
-    slicer.narrow(ranks)
+    slicer.narrow(ranks, multiple)
     for name, layer in layers.items():
-        assert layer.rank == layer.mask.numel() == layer.u.in_features == ranks[name]
+        assert layer.rank == layer.mask.numel() == layer.u.in_features == computed[name]
+        assert int(layer.kept.sum()) == ranks[name]
     loss = _step(peft_model, optimizer)
     slicer.widen()
     torch.testing.assert_close(loss, _step(masked, masked_optimizer), atol=1e-5, rtol=0)
 
     for name, layer in layers.items():
-        k = ranks[name]
+        k = computed[name]
         assert layer.rank == layer.mask.numel() == layer.u.in_features == compactor.full_rank[name]
         for key, tensor, dim in rank_slots(layer):
-            trained, untouched = tensor.detach().split([k, tensor.shape[dim] - k], dim)
-            assert torch.equal(untouched, before[name][key].split([k, tensor.shape[dim] - k], dim)[1]), (name, key)
+            parts = [k, tensor.shape[dim] - k]
+            trained, untouched = tensor.detach().split(parts, dim)
+            old, old_untouched = before[name][key].split(parts, dim)
+            assert torch.equal(untouched, old_untouched), (name, key)
             if "lora" in key:  # the computed part took the masked model's step
-                expected = _slot(masked_layers[name], key).detach().split([k, tensor.shape[dim] - k], dim)[0]
+                expected = _slot(masked_layers[name], key).detach().split(parts, dim)[0]
                 torch.testing.assert_close(trained, expected, atol=1e-6, rtol=0)
-                assert not torch.equal(trained, before[name][key].split([k, tensor.shape[dim] - k], dim)[0])
+                assert not torch.equal(trained, old)
+            else:  # frozen, masks included
+                assert torch.equal(trained, old), (name, key)
         lora_a = _slot(layer, "u.lora_A.default.weight")
         state = optimizer.state[lora_a]["exp_avg"]
         assert state.shape == lora_a.shape and torch.equal(state[:, k:], moments[name][:, k:])
