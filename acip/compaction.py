@@ -30,6 +30,13 @@ def rank_slots(layer: SVDLinear) -> list[tuple[str, torch.Tensor, int]]:
     return slots
 
 
+def rounded_rank(needed: int, rank: int, multiple: int) -> int:
+    """``needed`` ranks of a layer of ``rank`` rounded up to its step: ``multiple``, or an eighth of its rank where that
+    is smaller (so that small layers still shrink), at most ``rank``."""
+    step = max(1, min(multiple, rank // 8))
+    return min(-(-needed // step) * step, rank)
+
+
 def _set_rank(layer: SVDLinear, rank: int) -> None:
     """Update the feature counts that describe the rank dimension (peft reads them when merging)."""
     for module in (layer.sv, _base(layer.sv), *getattr(layer.sv, "lora_B", {}).values()):
@@ -46,12 +53,18 @@ class RankCompactor:
         optimizer: the optimizer over masks and LoRA weights; its per-parameter state is sliced alongside.
         min_dead_fraction: compact a layer once this fraction of its computed ranks is dead (each compaction
             reallocates the layer's tensors, so it is not done for every single death).
+        multiple: keep each layer's computed ranks a multiple of this (or of an eighth of its full rank where that is
+            smaller; or its full rank) by computing a few dead ones too, the most recently dead: bf16 kernels on the
+            CPU (oneDNN) compile every new shape, ~1 ms each, which with exact ranks made the late pruning steps twice
+            as slow as the first on SmolLM2.
     """
 
-    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer, min_dead_fraction=0.05):
+    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer, min_dead_fraction=0.05,
+                 multiple: int = 1):
         self.layers = layers
         self.optimizer = optimizer
         self.min_dead_fraction = min_dead_fraction
+        self.multiple = multiple
         self.full_rank = {name: layer.rank for name, layer in layers.items()}
         self.alive = {name: torch.arange(layer.rank) for name, layer in layers.items()}  # computed rank positions
         self.stash: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {name: {} for name in layers}
@@ -105,14 +118,24 @@ class RankCompactor:
         return out
 
     def compact_dead(self, force: bool = False) -> int:
-        """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold; returns how many."""
+        """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold, down to a multiple of
+        ``multiple``; with ``force`` every dead rank goes, whatever the threshold and multiple. Returns how many."""
         compacted = 0
         for name, layer in self.layers.items():
-            dead = ~layer.kept
-            n_dead = int(dead.sum())
-            if n_dead and (force or n_dead >= max(1, self.min_dead_fraction * dead.numel())):
-                self.compact(name, ~dead)
-                compacted += 1
+            keep = layer.kept
+            alive, rank = int(keep.sum()), keep.numel()
+            if alive == rank or not (force or rank - alive >= max(1, self.min_dead_fraction * rank)):
+                continue
+            if not force:
+                computed = rounded_rank(alive, self.full_rank[name], self.multiple)
+                if computed >= rank:
+                    continue
+                if computed > alive:  # pad with the most recently dead ranks (the highest masks among the dead)
+                    dead_masks = layer.mask.detach().masked_fill(keep, -torch.inf)
+                    keep = keep.clone()
+                    keep[dead_masks.topk(computed - alive).indices] = True
+            self.compact(name, keep)
+            compacted += 1
         return compacted
 
     @torch.no_grad()
@@ -166,12 +189,12 @@ class PrefixSlicer:
     @torch.no_grad()
     def narrow(self, ranks: dict[str, int], multiple: int = 1) -> None:
         """Let layer ``name`` compute its first ``ranks[name]`` ranks only (layers not named keep all). With
-        ``multiple`` > 1 it computes them rounded up to a multiple (or its full rank), the extra ones masked to zero:
+        ``multiple`` > 1 it computes them rounded up (:func:`rounded_rank`), the extra ones masked to zero:
         fewer distinct shapes, which bf16 kernels on the CPU (oneDNN) would otherwise compile anew almost every step."""
         self.widen()
         for name, rank in ranks.items():
             layer = self.layers[name]
-            computed = min(-(-rank // multiple) * multiple, layer.rank)
+            computed = rounded_rank(rank, layer.rank, multiple)
             if computed > rank:
                 self._masked.append((layer.mask.data[rank:computed], layer.mask.data[rank:computed].clone()))
                 layer.mask.data[rank:computed] = 0.0

@@ -155,10 +155,11 @@ class ACIPTask(Task):
     stop ratio, then LoRA alone; the result is the merged, unpruned ACIP model with its score map."""
 
     record_file, log_file = RUN_FILE, RUN_LOG
-    # Post-tune steps at drawn sizes compute each layer's kept ranks rounded up to this multiple: with exact ranks
-    # almost every step has new shapes, which bf16 on the CPU (oneDNN) compiles anew, ~1 ms each, ~2 s a step on
-    # SmolLM2; with 64 a drawn step took 0.7-0.9x a masked full-rank one, with 1 1.8x (this machine, 2026-12-06).
-    slice_multiple = 64
+    # Pruning and post-tune steps compute each layer's ranks rounded up to this multiple (the extra ones dead or
+    # masked): with exact ranks almost every step has new shapes, which bf16 on the CPU (oneDNN) compiles anew, ~1 ms
+    # each; on SmolLM2 that made the late pruning steps 2x as slow as the first, and a post-tune step at a drawn size
+    # 1.8x a masked full-rank one (0.7-0.9x with 64; this machine, 2026-12-06).
+    shape_multiple = 64
 
     def __init__(self, config: ACIPRunConfig, runtime, base_model=None, tokenizer=None):
         processes = runtime.processes
@@ -226,7 +227,7 @@ class ACIPTask(Task):
     def prepare(self, optimizer: torch.optim.Optimizer) -> None:
         """Dead ranks are sliced out of the layers and of the optimizer state as they die; post-tune steps at drawn
         sizes compute only the ranks of their size."""
-        self.compactor = RankCompactor(self.layers, optimizer)
+        self.compactor = RankCompactor(self.layers, optimizer, multiple=self.shape_multiple)
         self.slicer = PrefixSlicer(self.layers, optimizer)
 
     def before_step(self, step: int) -> None:
@@ -238,7 +239,7 @@ class ACIPTask(Task):
             rng = np.random.default_rng([c.seed, step])
             ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
             plan = pruning_plan(self.acip_model, compression_ratio=float(ratio))  # by the scores, not by position
-            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)}, self.slice_multiple)
+            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)}, self.shape_multiple)
 
     def lr(self, step: int) -> float:
         """``lr`` while pruning; in post-tuning constant or decaying to 0 by a cosine (post_tune_lr_schedule)."""

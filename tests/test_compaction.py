@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_acip_model, token_ids
 from peft import LoraConfig, get_peft_model
 
-from acip.compaction import PrefixSlicer, RankCompactor, rank_slots
+from acip.compaction import PrefixSlicer, RankCompactor, rank_slots, rounded_rank
 from acip.training import best_first
 
 
@@ -29,7 +29,8 @@ def _logits(model):
         return model(token_ids()).logits
 
 
-def test_compacted_model_computes_the_same_and_restores_exactly():
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_compacted_model_computes_the_same_and_restores_exactly(multiple):
     model, peft_model, layers, optimizer = _lora_model()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -42,12 +43,14 @@ def test_compacted_model_computes_the_same_and_restores_exactly():
     before = {name: {k: t.detach().clone() for k, t, _ in rank_slots(layer)} for name, layer in layers.items()}
     reference = _logits(peft_model)
 
-    compactor = RankCompactor(layers, optimizer)
+    alive = {name: int(layer.kept.sum()) for name, layer in layers.items()}
+    compactor = RankCompactor(layers, optimizer, multiple=multiple)
     assert compactor.compact_dead() == len(layers)
     assert 0.3 < compactor.computed_fraction() < 0.7
-    for layer in layers.values():
+    for name, layer in layers.items():
         assert layer.rank == layer.mask.numel() == layer.sv.out_features == layer.u.in_features
-        assert bool((layer.mask > 0).all())
+        assert layer.rank == rounded_rank(alive[name], compactor.full_rank[name], multiple)
+        assert int(layer.kept.sum()) == alive[name]  # the extra computed ranks are dead ones
         for value in optimizer.state[layer.mask].values():
             assert value.dim() == 0 or value.shape == layer.mask.shape
     torch.testing.assert_close(_logits(peft_model), reference, atol=1e-5, rtol=0)
@@ -127,7 +130,7 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix(multiple
         compactor.reorder(name, best_first(layer.score))
         assert torch.equal(compactor.alive[name], best_first(layer.score))
     ranks = {name: int(torch.randint(1, layer.rank, (1,), generator=generator)) for name, layer in layers.items()}
-    computed = {name: min(-(-k // multiple) * multiple, layers[name].rank) for name, k in ranks.items()}
+    computed = {name: rounded_rank(k, layers[name].rank, multiple) for name, k in ranks.items()}
 
     masked, masked_optimizer = copy.deepcopy((peft_model, optimizer))  # the reference: full rank, masked
     masked_layers = masked.base_model.model.acip_layers()
@@ -164,3 +167,12 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix(multiple
         state = optimizer.state[lora_a]["exp_avg"]
         assert state.shape == lora_a.shape and torch.equal(state[:, k:], moments[name][:, k:])
     _step(peft_model, optimizer)  # full rank again, state included
+
+
+@pytest.mark.parametrize(("needed", "rank", "multiple", "computed"), [
+    (100, 576, 64, 128), (500, 576, 64, 512), (520, 576, 64, 576), (576, 576, 64, 576), (0, 576, 64, 0),
+    (10, 48, 64, 12),  # a small layer steps by an eighth of its rank
+    (5, 7, 64, 5), (30, 192, 1, 30),
+])  # fmt: skip
+def test_rounded_rank(needed, rank, multiple, computed):
+    assert rounded_rank(needed, rank, multiple) == computed
