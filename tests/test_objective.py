@@ -24,13 +24,17 @@ def test_distillation_is_t_squared_kl_of_the_softened_distributions(temperature)
     assert distillation_loss(teacher, teacher, temperature).abs() < 1e-6
 
 
-def test_language_model_loss_mixes_ce_and_distillation():
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # at 1 the two terms share the student's log-probabilities
+def test_language_model_loss_mixes_ce_and_distillation(temperature):
     logits, teacher, ids = torch.randn(2, 5, 7), torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
-    ce, kd = next_token_loss(logits, ids), distillation_loss(logits, teacher, 2.0)
-    loss, figures = language_model_loss(logits, ids, teacher, 0.25, 2.0)
+    logits.requires_grad_(True)
+    ce, kd = next_token_loss(logits, ids), distillation_loss(logits, teacher, temperature)
+    expected_grad = torch.autograd.grad(0.75 * ce + 0.25 * kd, logits)[0]
+    loss, figures = language_model_loss(logits, ids, teacher, 0.25, temperature)
     torch.testing.assert_close(loss, 0.75 * ce + 0.25 * kd)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], expected_grad)
     assert figures == pytest.approx({"loss": ce.item(), "kd": kd.item()})
-    assert language_model_loss(logits, ids, None, 0.25, 2.0)[1] == pytest.approx({"loss": ce.item()})
+    assert language_model_loss(logits, ids, None, 0.25, temperature)[1] == pytest.approx({"loss": ce.item()})
 
 
 def test_acip_loss_adds_the_l1_term_only_while_pruning():
