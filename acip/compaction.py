@@ -30,6 +30,12 @@ def rank_slots(layer: SVDLinear) -> list[tuple[str, torch.Tensor, int]]:
     return slots
 
 
+def best_first(score: torch.Tensor) -> torch.Tensor:
+    """A layer's rank positions by score, best first, ties in position order: the order in which the planner
+    (acip.hub.pruning.Ranking) keeps a layer's ranks, so that any size it picks keeps a prefix."""
+    return torch.sort(score.detach().cpu(), descending=True, stable=True).indices
+
+
 def rounded_rank(needed: int, rank: int, multiple: int) -> int:
     """``needed`` ranks of a layer of ``rank`` rounded up to its step: ``multiple``, or an eighth of its rank where that
     is smaller (so that small layers still shrink), at most ``rank``."""
@@ -179,22 +185,23 @@ class PrefixSlicer:
     a non-contiguous parameter as if it were contiguous: torch 2.13).
     """
 
-    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer):
+    def __init__(self, layers: dict[str, SVDLinear], optimizer: torch.optim.Optimizer, multiple: int = 1):
         self.layers = layers
         self.optimizer = optimizer
+        self.multiple = multiple  # as RankCompactor's: computed ranks rounded up by rounded_rank
         self._narrowed: list[tuple[torch.Tensor, torch.Tensor, int, bool, dict[int, torch.Tensor]]] = []
         self._ranks: dict[str, int] = {}  # full rank of each narrowed layer
         self._masked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mask entries set to 0, their values before)
 
     @torch.no_grad()
-    def narrow(self, ranks: dict[str, int], multiple: int = 1) -> None:
+    def narrow(self, ranks: dict[str, int]) -> None:
         """Let layer ``name`` compute its first ``ranks[name]`` ranks only (layers not named keep all). With
         ``multiple`` > 1 it computes them rounded up (:func:`rounded_rank`), the extra ones masked to zero:
         fewer distinct shapes, which bf16 kernels on the CPU (oneDNN) would otherwise compile anew almost every step."""
         self.widen()
         for name, rank in ranks.items():
             layer = self.layers[name]
-            computed = rounded_rank(rank, layer.rank, multiple)
+            computed = rounded_rank(rank, layer.rank, self.multiple)
             if computed > rank:
                 self._masked.append((layer.mask.data[rank:computed], layer.mask.data[rank:computed].clone()))
                 layer.mask.data[rank:computed] = 0.0
@@ -215,7 +222,8 @@ class PrefixSlicer:
         for value in self.optimizer.state.get(tensor, {}).values():
             if torch.is_tensor(value) and value.shape == wide.shape:
                 states[id(value)] = value.data
-                value.data = value.data.narrow(dim, 0, rank).contiguous() if copied else value.data.narrow(dim, 0, rank)
+                part = value.data.narrow(dim, 0, rank)
+                value.data = part.contiguous() if copied else part
         tensor.grad = None
         self._narrowed.append((tensor, wide, dim, copied, states))
 

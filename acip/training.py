@@ -27,7 +27,7 @@ import torch
 
 from .base_model import DEVICE_MAPS, check_device_map, load_base_model
 from .build import parametrize
-from .compaction import PrefixSlicer, RankCompactor, rank_slots
+from .compaction import PrefixSlicer, RankCompactor, best_first, rank_slots
 from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
@@ -228,7 +228,7 @@ class ACIPTask(Task):
         """Dead ranks are sliced out of the layers and of the optimizer state as they die; post-tune steps at drawn
         sizes compute only the ranks of their size."""
         self.compactor = RankCompactor(self.layers, optimizer, multiple=self.shape_multiple)
-        self.slicer = PrefixSlicer(self.layers, optimizer)
+        self.slicer = PrefixSlicer(self.layers, optimizer, multiple=self.shape_multiple)
 
     def before_step(self, step: int) -> None:
         """Post-tuning at any size: prune to this step's ratio (the stop ratio for a share of the steps, else drawn
@@ -239,7 +239,7 @@ class ACIPTask(Task):
             rng = np.random.default_rng([c.seed, step])
             ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
             plan = pruning_plan(self.acip_model, compression_ratio=float(ratio))  # by the scores, not by position
-            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)}, self.shape_multiple)
+            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)})
 
     def lr(self, step: int) -> float:
         """``lr`` while pruning; in post-tuning constant or decaying to 0 by a cosine (post_tune_lr_schedule)."""
@@ -368,12 +368,6 @@ class ACIPTask(Task):
             model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
         return model
-
-
-def best_first(score: torch.Tensor) -> torch.Tensor:
-    """A layer's rank positions by score, best first, ties in position order: the order in which the planner
-    (acip.hub.pruning.Ranking) keeps a layer's ranks, so that any size it picks keeps a prefix."""
-    return torch.sort(score.detach().cpu(), descending=True, stable=True).indices
 
 
 def frozen_teacher(base_model, runtime):

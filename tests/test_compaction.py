@@ -7,8 +7,7 @@ import torch
 from conftest import tiny_acip_model, token_ids
 from peft import LoraConfig, get_peft_model
 
-from acip.compaction import PrefixSlicer, RankCompactor, rank_slots, rounded_rank
-from acip.training import best_first
+from acip.compaction import PrefixSlicer, RankCompactor, best_first, rank_slots, rounded_rank
 
 
 def _lora_model(fused=False):
@@ -140,8 +139,8 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix(multiple
     moments = {name: optimizer.state[_slot(layer, "u.lora_A.default.weight")]["exp_avg"].clone()
                for name, layer in layers.items()}
 
-    slicer = PrefixSlicer(layers, optimizer)
-    slicer.narrow(ranks, multiple)
+    slicer = PrefixSlicer(layers, optimizer, multiple=multiple)
+    slicer.narrow(ranks)
     for name, layer in layers.items():
         assert layer.rank == layer.mask.numel() == layer.u.in_features == computed[name]
         assert int(layer.kept.sum()) == ranks[name]
