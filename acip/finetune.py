@@ -24,7 +24,8 @@ from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
 from .base_model import load_base_model
-from .objective import language_model_loss, teacher_logits
+from .fused_loss import language_model_loss
+from .objective import teacher_logits
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
 
 ADAPTER_DIR = "adapter"

@@ -2,7 +2,8 @@
 the score map follows the masks, and when pruning stops. Edit this file to try another loss.
 
     loss  = (1 − α) · CE(next token) + α · T² · KL(teacher ‖ student at T) + λ(step) · Σ_layers ||relu(mask)||₁
-            (α = 0: the paper's loss; the teacher is the dense base model; every term in float32)
+            (α = 0: the paper's loss; the teacher is the dense base model; every term in float32;
+            acip.fused_loss computes the first two terms and their gradient in one chunked pass)
     λ     = lambda_init · lambda_growth ^ g, with g = step // lambda_every ("exponential", the paper's), or ("paced")
             every lambda_every steps g grows by one while the size ratio is above a line falling from 1 to the stop
             ratio over pruning_steps steps, and shrinks by one while it is below: the model shrinks at an even pace
@@ -12,51 +13,14 @@ the score map follows the masks, and when pruning stops. Edit this file to try a
 """
 
 import torch
-import torch.nn.functional as F
 
-
-def _targets(ids: torch.Tensor) -> torch.Tensor:
-    """The token each position predicts, (B·T,): the next one; -100 (ignored) at the last position."""
-    # The targets move, not the logits: slicing (B, T, V) would copy it, and its gradient would be a zero-filled copy.
-    return F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of predicting token t+1 from logits (B, T, V) at t, in float32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), _targets(ids), ignore_index=-100)
+from .fused_loss import language_model_loss
 
 
 @torch.no_grad()
 def teacher_logits(teacher, ids: torch.Tensor) -> torch.Tensor | None:
     """The frozen teacher's logits on ``ids`` (B, T, V) for distillation, or None when there is no teacher."""
     return None if teacher is None else teacher(input_ids=ids).logits
-
-
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                      student: torch.Tensor | None = None) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) of the next-token distributions softened by T, mean over positions, in float32.
-
-    The T² keeps the gradient's scale independent of T (Hinton et al., 2015); the last position is scored too: it
-    predicts a token the block does not hold, but the teacher still says what it would be. ``student``: the student's
-    log-probabilities at T (B·T, V), when the caller has them already.
-    """
-    if student is None:
-        student = F.log_softmax(logits.flatten(0, 1).float() / temperature, dim=-1)  # (B·T, V)
-    teacher = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
-
-
-def language_model_loss(logits, ids, teacher_logits, alpha: float, temperature: float) -> tuple[torch.Tensor, dict]:
-    """(1 − α) · CE + α · distillation (no teacher: CE alone), and its parts as numbers to log."""
-    if teacher_logits is None or alpha == 0:
-        ce = next_token_loss(logits, ids)
-        return ce, {"loss": ce.item()}
-    # At T = 1 both terms take the same log-probabilities: one pass over the (B·T, V) logits instead of two, a
-    # tenth of a post-tune step on SmolLM2 (49,152 logits a position, bandwidth-bound on the CPU).
-    student = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (B·T, V)
-    ce = F.nll_loss(student, _targets(ids), ignore_index=-100)
-    kd = distillation_loss(logits, teacher_logits, temperature, student if temperature == 1 else None)
-    return (1 - alpha) * ce + alpha * kd, {"loss": ce.item(), "kd": kd.item()}
 
 
 class ACIPObjective:
