@@ -69,6 +69,8 @@ RUNS = {
     "new+weight-basis": {"basis": "weight"},  # the paper's basis (benchmarks/basis.py reuses this run)
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
+    "new@0.8-seed1": {"stop_ratio": 0.8, "post_tune_sizes": "stop", "seed": 1},  # dedicated runs of new-seed1's draw
+    "new@0.5-seed1": {"stop_ratio": 0.5, "post_tune_sizes": "stop", "seed": 1},
     # the same wall-clock as today's: 90 post-tune steps instead of 140 (each costs its size since 2026-12-06)
     "new-pt90": {"post_tune_steps": 90},
     "new-pt90-seed1": {"post_tune_steps": 90, "seed": 1},
