@@ -124,22 +124,23 @@ class RankCompactor:
         return out
 
     def compact_dead(self, force: bool = False) -> int:
-        """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold, down to a multiple of
-        ``multiple``; with ``force`` every dead rank goes, whatever the threshold and multiple. Returns how many."""
+        """Compact every layer whose dead computed ranks (mask <= 0) reached the threshold (with ``force``: any dead
+        rank), down to a multiple of ``multiple``. Returns how many."""
         compacted = 0
         for name, layer in self.layers.items():
             keep = layer.kept
             alive, rank = int(keep.sum()), keep.numel()
             if alive == rank or not (force or rank - alive >= max(1, self.min_dead_fraction * rank)):
                 continue
-            if not force:
-                computed = rounded_rank(alive, self.full_rank[name], self.multiple)
-                if computed >= rank:
-                    continue
-                if computed > alive:  # pad with the most recently dead ranks (the highest masks among the dead)
-                    dead_masks = layer.mask.detach().masked_fill(keep, -torch.inf)
-                    keep = keep.clone()
-                    keep[dead_masks.topk(computed - alive).indices] = True
+            # Rounded even when forced: exact ranks give every layer its own matrix shapes, and bf16 kernels on the
+            # CPU (oneDNN) then keep compiling them: post-tune steps at the stop ratio took 2.5x those at drawn sizes.
+            computed = rounded_rank(alive, self.full_rank[name], self.multiple)
+            if computed >= rank:
+                continue
+            if computed > alive:  # pad with the most recently dead ranks (the highest masks among the dead)
+                dead_masks = layer.mask.detach().masked_fill(keep, -torch.inf)
+                keep = keep.clone()
+                keep[dead_masks.topk(computed - alive).indices] = True
             self.compact(name, keep)
             compacted += 1
         return compacted

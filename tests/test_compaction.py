@@ -175,3 +175,14 @@ def test_a_step_on_a_prefix_of_best_first_ranks_trains_only_that_prefix(multiple
 ])  # fmt: skip
 def test_rounded_rank(needed, rank, multiple, computed):
     assert rounded_rank(needed, rank, multiple) == computed
+
+
+def test_forced_compaction_takes_any_dead_rank_but_keeps_the_multiple():
+    model, peft_model, layers, optimizer = _lora_model()
+    name, layer = next(iter(layers.items()))  # rank 48
+    with torch.no_grad():
+        layer.mask[:5] = -0.01  # 5 dead: below the threshold
+    compactor = RankCompactor(layers, optimizer, min_dead_fraction=0.2, multiple=4)
+    assert compactor.compact_dead() == 0
+    assert compactor.compact_dead(force=True) == 1
+    assert layer.rank == 44 and int(layer.kept.sum()) == 43  # one dead rank pads 43 up to a multiple of 4
