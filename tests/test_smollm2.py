@@ -18,9 +18,15 @@ TEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built 
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_base():
+    """The embedded SmolLM2 and its tokenizer, loaded once (dequantizing the GGUF file takes ~20 s); users copy it."""
     pytest.importorskip("gguf")
-    base, tokenizer = load_default_model()
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_base):
+    base, tokenizer = copy.deepcopy(smollm2_base[0]), smollm2_base[1]
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         reference = base(ids).logits
@@ -69,12 +75,11 @@ def test_smollm2_quantized_to_4_bits(smollm2):
     assert quantized < loss + 0.5
 
 
-def test_a_few_acip_steps_on_smollm2_save_a_prunable_model(tmp_path):
-    pytest.importorskip("gguf")
+def test_a_few_acip_steps_on_smollm2_save_a_prunable_model(smollm2_base, tmp_path):
     pytest.importorskip("mwparserfromhell")
     from acip.training import preset, run_acip
 
-    base, tokenizer = load_default_model()
+    base, tokenizer = copy.deepcopy(smollm2_base[0]), smollm2_base[1]
     # The weight basis: 210 float64 SVDs of the whitened basis would add a minute (benchmarks/basis.py covers it).
     config = preset("quick", block_size=64, batch_size=2, max_steps=3, post_tune_steps=1, checkpoint_every=2,
                     basis="weight")  # fmt: skip
