@@ -67,7 +67,9 @@ class _LanguageModelLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         (grad,) = ctx.saved_tensors
-        if grad_loss.ne(1).item():  # a scaled loss (micro-batches); unscaled, the saved gradient goes on as it is
+        # A scaled loss (micro-batches) scales the gradient. On the CPU an unscaled one skips that pass over (B·T, V);
+        # on an accelerator the check would stall the queue of kernels (.item() waits for them) and costs more.
+        if grad.device.type != "cpu" or grad_loss.ne(1).item():
             grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None, None
 
