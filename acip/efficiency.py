@@ -191,6 +191,14 @@ def write_rows(rows: list[EfficiencyRow], out_dir: str | os.PathLike) -> dict[st
 
 PROMPT = 16  # tokens of the prompt that decoding starts from
 
+# How the compiled rows compile, per device. CPU: weights frozen into the graph as constants (inductor prepacks them
+# for MKL) and the graph's wrapper generated as C++ rather than Python. Both target what a batch-1 decode step costs
+# besides reading the weights: SmolLM2 fused at 0.4, one thread, decoded 32 ms/token compiled plainly or frozen, 26 ms
+# frozen with the C++ wrapper (eager: 33-36 ms); compiling took 99 s and 170 s. benchmarks/inference.py: 2.09x eager
+# dense's decode, 1.69x compiled dense's (docs/inference.md). CUDA: CUDA graphs, the usual cure for per-kernel launch
+# costs with a static cache (not run here: no GPU).
+COMPILE_OPTIONS = {"cpu": {"options": {"freezing": True, "cpp_wrapper": True}}, "cuda": {"mode": "reduce-overhead"}}
+
 
 @torch.inference_mode()
 def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
@@ -202,8 +210,9 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
     (after decoding at the first batch size), and the seconds of the first calls (compilation, for ``compile``).
     Each timing is the best of ``best_of``.
 
-    ``compile``: ``model.forward = torch.compile(model.forward)`` (a fused model laid out contiguous first), and
-    decoding with a static KV cache of one fixed length, so each shape compiles once."""
+    ``compile``: ``model.forward = torch.compile(model.forward, **COMPILE_OPTIONS[device type])`` (a fused model
+    laid out contiguous first), and decoding with a static KV cache of one fixed length, so each shape compiles
+    once."""
     gc.collect()
     before = _resident(folder)
     model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
@@ -213,7 +222,7 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
     if compile:
         if model.config.fused_groups:
             model.fuse(layout="contiguous")  # inductor runs the input-major layout at half the speed
-        model.forward = torch.compile(model.forward)
+        model.forward = torch.compile(model.forward, **COMPILE_OPTIONS.get(device.type, {}))
     ids = torch.randint(model.config.text_config.vocab_size, (max(batches), max(prompts)), device=device,
                         generator=torch.Generator(device).manual_seed(0))  # fmt: skip
     cache = dict(cache_implementation="static", max_cache_len=PROMPT + new_tokens) if compile else {}

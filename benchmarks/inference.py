@@ -1,5 +1,5 @@
-"""Inference speed and memory of SmolLM2-135M: dense vs ACIP compressed vs fused vs fused + torch.compile, at size
-ratios 0.8, 0.6 and 0.4, in float32 and bfloat16.
+"""Inference speed and memory of SmolLM2-135M: dense vs ACIP compressed vs fused, dense and fused also under
+torch.compile, at size ratios 0.8, 0.6 and 0.4, in float32 and bfloat16.
 
 Every configuration is saved once in its dtype (dense = the ACIP model compressed at ratio 1.0: the base model's
 shapes) and measured in a fresh process (acip.efficiency.measure_inference): greedy decode tokens/s at batch 1 and 8
@@ -82,12 +82,13 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
 
 
 def with_compiled(configurations: list[dict], dtypes) -> list[dict]:
-    """The configurations plus, after each plain fused one in ``dtypes``, the same folder measured compiled."""
+    """The configurations plus, after each dense and each plain fused one in ``dtypes``, the same folder measured
+    compiled (acip.efficiency.COMPILE_OPTIONS): the compiled dense row is what a compiled fused row competes with."""
     out = []
     for c in configurations:
         out.append(c)
-        if c["form"] == "fused" and c["dtype"] in dtypes:
-            out.append({**c, "form": "fused + compile", "compile": True})
+        if c["form"] in ("dense", "fused") and c["dtype"] in dtypes:
+            out.append({**c, "form": f"{c['form']} + compile", "compile": True})
     return out
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
     parser.add_argument("--compile-dtypes", nargs="*", default=list(DTYPES), choices=DTYPES,
-                        help="dtypes with fused + torch.compile rows (none: no such rows; each compiles for minutes)")
+                        help="dtypes with compiled dense and fused rows (none: no such rows; each compiles minutes)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     args = parser.parse_args()
 
