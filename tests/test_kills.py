@@ -5,7 +5,7 @@ Each kill happens in a fresh Python process that wraps one library function (os.
 folder exchange...) so that the process kills itself on that function's N-th matching call; the library has no test
 hooks. After each kill the user's previous result is complete (same file hashes, it loads), leftovers are put right
 by the next call, and resuming ends exactly where an uninterrupted run ends (same score map, same weights).
-Also: two processes started at once on one output folder: one runs, the other is refused, the log is clean.
+Also: a second process started on an output folder while the first holds its lock is refused, the log stays clean.
 """
 
 import hashlib
@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -240,23 +241,54 @@ def test_an_export_killed_leaves_the_old_or_the_new_export_complete(ref, tmp_pat
     assert ACIPModel.from_pretrained(out).config.compressed and leftovers(out) == []
 
 
+HOLD = """
+import os, runpy, sys, time
+import acip.checkpoints
+
+marker, release, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+original = acip.checkpoints.save_file
+
+def hold(*args, **kwargs):
+    # at the first checkpoint (the folder's lock is held): say so, and wait until the test lets the run go on
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return original(*args, **kwargs)
+
+acip.checkpoints.save_file = hold
+sys.argv = ["acip", *argv]
+runpy.run_module("acip.cli", run_name="__main__")
+"""
+
+
 def test_two_runs_started_at_once_on_one_folder(ref, tmp_path):
     base = tmp_path / "base"
     tiny_base_model().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     out = tmp_path / "out"
     options = [f"--{k.replace('_', '-')}={v}" for k, v in ref["run_config"].items()]
-    command = [sys.executable, "-m", "acip.cli", "compress", "--base-model", str(base), "--output-dir", str(out),
-               *options]  # fmt: skip
+    args = ["compress", "--base-model", str(base), "--output-dir", str(out), *options]
     env = dict(os.environ, PYTHONPATH=str(TESTS))
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for _ in range(2)]  # fmt: skip
-    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
-    codes = sorted(code for code, _ in results)
-    assert codes[0] == 0 and codes[1] != 0, results
-    refused = next(err for code, err in results if code != 0)
+    # The first run holds still inside its lock until the second has come and gone: the overlap is certain, not a
+    # race between two process start-ups (a tiny run can finish before the other process has imported torch).
+    marker, release = tmp_path / "holding", tmp_path / "go-on"
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(marker), str(release), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        while not marker.exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "acip.cli", *args], capture_output=True, text=True, env=env,
+                                timeout=600)  # fmt: skip
+    finally:
+        release.touch()
+    _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err[-4000:]
+    refused = second.stderr
+    assert second.returncode != 0, refused
     assert "FolderBusy" in refused and f"output_dir {out} is in use by process" in refused
-    winner = next(run.pid for run, (code, _) in zip(runs, results) if code == 0)
-    assert f"process {winner} " in refused and "compress --base-model" in refused
+    assert f"process {first.pid} " in refused and "compress --base-model" in refused
     steps = [json.loads(line)["step"] for line in (out / "run_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
