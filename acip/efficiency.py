@@ -253,12 +253,69 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
     return figures
 
 
+def build_inference_packages(folder: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
+                             new_tokens: int = 32, batches: Sequence[int] = (1, 8),
+                             prompts: Sequence[int] = (256, 1024)) -> Path:  # fmt: skip
+    """Compile the saved model in ``folder`` ahead of time (:func:`acip.aot.build_package`) into the packages
+    :func:`measure_packages` runs, in ``out``: one per decode batch size (cache: prompt + ``new_tokens``) and one for
+    prefill (batch 1, cache: the longest prompt). Minutes each."""
+    from .aot import build_package
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    for batch in batches:
+        build_package(model, out / f"decode_b{batch}.pt2", batch_size=batch, max_cache_len=PROMPT + new_tokens)
+    build_package(model, out / "prefill.pt2", batch_size=1, max_cache_len=max(prompts))
+    return out
+
+
+@torch.inference_mode()
+def measure_packages(folder: str | os.PathLike, new_tokens: int = 32, batches: Sequence[int] = (1, 8),
+                     prompts: Sequence[int] = (256, 1024), best_of: int = 2) -> dict:  # fmt: skip
+    """:func:`measure_inference`'s figures for the packages :func:`build_inference_packages` wrote to ``folder``,
+    run by :class:`acip.aot.PackagedLM` (its greedy loop instead of ``generate``); first calls = loading them."""
+    from .aot import PackagedLM
+
+    folder = Path(folder)
+    gc.collect()
+    before = _resident(folder)
+    figures = {"first_calls_s": 0.0}
+
+    def best(fn) -> float:
+        return min(_timed(fn) for _ in range(best_of))
+
+    lm = None
+    for batch in batches:
+        start = time.perf_counter()
+        lm = PackagedLM(folder / f"decode_b{batch}.pt2")
+        ids = torch.randint(lm.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
+        lm.generate(ids, 2)
+        figures["first_calls_s"] += time.perf_counter() - start
+        steps = best(lambda: lm.generate(ids, new_tokens)) - best(lambda: lm.generate(ids, 1))
+        figures[f"decode_b{batch}"] = batch * (new_tokens - 1) / max(steps, 1e-9)
+        if batch == batches[0]:
+            figures["rss_mib"], figures["process_rss_mib"] = _added_mib(before, folder)
+        del lm
+        gc.collect()
+    start = time.perf_counter()
+    lm = PackagedLM(folder / "prefill.pt2")
+    ids = torch.randint(lm.vocab_size, (1, max(prompts)), generator=torch.Generator().manual_seed(0))
+    lm(ids[:, :PROMPT])
+    figures["first_calls_s"] += time.perf_counter() - start
+    for length in prompts:
+        figures[f"prefill_{length}"] = length / best(lambda: lm(ids[:, :length]))
+    figures["params"] = 0  # not known from a package (the folder's model has them)
+    return figures
+
+
 def measure_inference_in_subprocess(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
-                                    threads: int | None = None, new_tokens: int = 32) -> dict:  # fmt: skip
-    """:func:`measure_inference` in a fresh interpreter (own memory, own compile state), with ``threads`` torch
-    threads (None: torch's default)."""
+                                    threads: int | None = None, new_tokens: int = 32, package: bool = False) -> dict:
+    """:func:`measure_inference` (or with ``package``, :func:`measure_packages` on the packages in ``folder``) in a
+    fresh interpreter (own memory, own compile state), with ``threads`` torch threads (None: torch's default)."""
     command = [sys.executable, "-m", "acip.efficiency", str(folder), "--inference", "--dtype", dtype,
-               "--new-tokens", str(new_tokens)] + (["--compile"] if compile else [])  # fmt: skip
+               "--new-tokens", str(new_tokens)] + ["--compile"] * compile + ["--package"] * package  # fmt: skip
+
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -278,10 +335,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inference", action="store_true", help="measure_inference instead of measure")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--package", action="store_true", help="folder holds build_inference_packages' packages")
     args = parser.parse_args(argv)
     import acip  # noqa: F401  (registers the auto classes, as a user's import would)
 
-    if args.inference:
+    if args.inference and args.package:
+        figures = measure_packages(args.folder, new_tokens=args.new_tokens)
+    elif args.inference:
         figures = measure_inference(args.folder, args.dtype, args.compile, new_tokens=args.new_tokens)
     else:
         figures = measure(args.folder, args.prompt_tokens, args.new_tokens, args.repeats)

@@ -16,6 +16,8 @@ Uses the ACIP model in --model-dir (a folder made by `acip compress --preset qui
 SmolLM2 is parametrized in the whitened basis (32 x 256 calibration tokens of wiki-train, as a run draws them),
 untrained: pruning then follows the initial scores. Speed depends only on the ranks, not on the score values.
 With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added.
+With --package-dtypes (default float32), dense and fused are also compiled ahead of time (acip.aot, minutes per
+package, before the repeats) and served by acip.aot.PackagedLM: "+ package" rows.
 
 Targets (float32, batch 1, against dense): at 0.4 decode >= 1.7x (median; >= 1.5x in every repeat), prefill
 >= 1.5x, resident memory <= 0.55x; at 0.6 decode >= 1.3x; at 0.8 not slower than dense. bfloat16: no form slower
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from acip import ACIPModel
-from acip.efficiency import measure_inference_in_subprocess
+from acip.efficiency import build_inference_packages, measure_inference_in_subprocess
 
 RATIOS = (0.8, 0.6, 0.4)
 DTYPES = ("float32", "bfloat16")
@@ -92,6 +94,21 @@ def with_compiled(configurations: list[dict], dtypes) -> list[dict]:
     return out
 
 
+def with_packages(configurations: list[dict], dtypes, new_tokens: int) -> list[dict]:
+    """The configurations plus, after each dense and each plain fused one in ``dtypes``, its ahead-of-time compiled
+    packages (acip.aot; built here, minutes each): the same model served without the compiler in the process."""
+    out = []
+    for c in configurations:
+        out.append(c)
+        if c["form"] in ("dense", "fused") and c["dtype"] in dtypes and not c["compile"]:
+            start = time.perf_counter()
+            packages = build_inference_packages(c["folder"], c["folder"].parent / "packages", c["dtype"], new_tokens)
+            print(f"packages of {c['dtype']} {c['ratio']:g} {c['form']}: {time.perf_counter() - start:.0f} s",
+                  flush=True)  # fmt: skip
+            out.append({**c, "form": f"{c['form']} + package", "folder": packages, "package": True})
+    return out
+
+
 def summarize(configurations: list[dict], runs: list[list[dict]]) -> str:
     """The table: per configuration, median [min-max] of each figure over the repeats, and ratios to dense."""
     lines = []
@@ -122,6 +139,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
     parser.add_argument("--compile-dtypes", nargs="*", default=list(DTYPES), choices=DTYPES,
                         help="dtypes with compiled dense and fused rows (none: no such rows; each compiles minutes)")
+    parser.add_argument("--package-dtypes", nargs="*", default=["float32"], choices=DTYPES,
+                        help="dtypes with ahead-of-time compiled dense and fused rows (acip.aot; minutes per package)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     args = parser.parse_args()
 
@@ -129,11 +148,13 @@ def main() -> None:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
         configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple)
         configurations = with_compiled(configurations, args.compile_dtypes)
+        configurations = with_packages(configurations, args.package_dtypes, args.new_tokens)
         runs = []
         for repeat in range(args.repeats):
             start = time.perf_counter()
             runs.append([measure_inference_in_subprocess(c["folder"], c["dtype"], c["compile"], args.threads,
-                                                         args.new_tokens) for c in configurations])  # fmt: skip
+                                                         args.new_tokens, c.get("package", False))
+                         for c in configurations])  # fmt: skip
             print(f"repeat {repeat + 1}/{args.repeats}: {time.perf_counter() - start:.0f} s", flush=True)
 
     threads = args.threads or torch.get_num_threads()

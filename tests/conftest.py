@@ -1,6 +1,7 @@
 """Tiny randomly initialised causal LMs for the tests: seconds, not minutes."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 VOCAB = 96
+
+# AOTInductor (acip.aot) compiles C++: without a compiler its tests cannot run (the rest of acip needs none)
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
 
 TINY_CONFIGS = {
     # Llama: tied embeddings, grouped-query attention, no biases.

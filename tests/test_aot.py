@@ -1,0 +1,103 @@
+"""acip.aot: ahead-of-time compiled packages decode what the model decodes; bad input writes nothing."""
+
+import copy
+
+import pytest
+import torch
+from conftest import needs_compiler, tiny_acip_model, token_ids
+
+from acip.aot import PackagedLM, build_package
+
+
+def greedy(model, ids, n):
+    """The model's own greedy continuation (every prompt token attended: no pad-id masking)."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "kind, fused",
+    [("qwen2", True), pytest.param("llama", False, marks=pytest.mark.slow),
+     pytest.param("mistral", True, marks=pytest.mark.slow)],  # fmt: skip
+)
+@needs_compiler
+def test_package_decodes_what_the_model_decodes(tmp_path, kind, fused):
+    model = tiny_acip_model(kind).prune_model_by_score(0.6).compress()
+    if fused:
+        model.fuse()
+    before = copy.deepcopy(model.state_dict())
+    layouts = {n: getattr(m, "layout", None) for n, m in model.model.named_modules()}
+    path = build_package(model, tmp_path / "model.pt2", batch_size=2, max_cache_len=24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # nothing left beside it
+    # the model is as it was: weights, layout, generation settings
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert layouts == {n: getattr(m, "layout", None) for n, m in model.model.named_modules()}
+    assert model.generation_config.cache_implementation is None
+
+    lm = PackagedLM(path)
+    assert (lm.batch_size, lm.max_cache_len) == (2, 24)
+    ids = token_ids(2, 7)
+    assert torch.equal(lm.generate(ids, 9), greedy(model, ids, 9))
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+    torch.testing.assert_close(lm(ids), expected, atol=1e-4, rtol=1e-4)
+    # a step continues from the cache the previous call filled
+    more = token_ids(2, 3, seed=1)
+    with torch.no_grad():
+        expected = model(torch.cat([ids, more], 1)).logits[:, -1]
+    torch.testing.assert_close(lm(more, start=7), expected, atol=1e-4, rtol=1e-4)
+
+    # EOS: a row that produced it goes on with pad_token_id; decoding stops once every row has
+    free = lm.generate(ids, 8)
+    eos = int(free[0, 8])  # row 0's second new token
+    out = lm.generate(ids, 8, eos_token_id=eos, pad_token_id=0)
+    for row in range(2):
+        hits = (free[row, 7:] == eos).nonzero()
+        if len(hits):
+            stop = 7 + int(hits[0])
+            assert torch.equal(out[row, : stop + 1], free[row, : stop + 1]) and (out[row, stop + 1 :] == 0).all()
+        else:
+            assert torch.equal(out[row], free[row, : out.shape[1]])
+
+    with pytest.raises(ValueError, match="batch_size=2"):
+        lm.generate(token_ids(1, 7), 4)
+    with pytest.raises(ValueError, match="max_cache_len=24"):
+        lm.generate(ids, 19)
+    with pytest.raises(ValueError, match="start="):
+        lm(ids, start=20)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(ids, 0)
+    with pytest.raises(ValueError, match="input_ids"):
+        lm.generate(ids.float(), 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [(dict(path="model.bin"), ValueError, "path must end in .pt2"),
+     (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+     (dict(max_cache_len=1), ValueError, "max_cache_len must be an integer >= 2"),
+     (dict(max_cache_len=129), ValueError, "max_position_embeddings"),
+     (dict(path="missing/model.pt2"), FileNotFoundError, "folder of path"),
+     (dict(path="taken.pt2"), FileExistsError, "overwrite=True")],  # fmt: skip
+)
+def test_bad_arguments_write_nothing(tmp_path, kwargs, error, match):
+    (tmp_path / "taken.pt2").write_bytes(b"a user's file")
+    model = tiny_acip_model("llama").prune_model_by_score(0.6).compress()
+    kwargs = {"path": "model.pt2", "max_cache_len": 24, **kwargs}
+    kwargs["path"] = tmp_path / kwargs["path"]
+    with pytest.raises(error, match=match):
+        build_package(model, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.pt2"]
+    assert (tmp_path / "taken.pt2").read_bytes() == b"a user's file"
+
+
+def test_sliding_window_bounds_the_cache(tmp_path):
+    model = tiny_acip_model("mistral").prune_model_by_score(0.6).compress()  # sliding_window=32
+    with pytest.raises(ValueError, match="sliding_window"):
+        build_package(model, tmp_path / "m.pt2", max_cache_len=33)
+
+
+def test_not_an_acip_model_or_package(tmp_path):
+    with pytest.raises(TypeError, match="ACIPModel"):
+        build_package(torch.nn.Linear(2, 2), tmp_path / "m.pt2")
+    with pytest.raises(FileNotFoundError, match="no package"):
+        PackagedLM(tmp_path / "none.pt2")
