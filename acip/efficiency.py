@@ -285,7 +285,6 @@ def measure_packages(folder: str | os.PathLike, new_tokens: int = 32, batches: S
     def best(fn) -> float:
         return min(_timed(fn) for _ in range(best_of))
 
-    lm = None
     for batch in batches:
         start = time.perf_counter()
         lm = PackagedLM(folder / f"decode_b{batch}.pt2")
@@ -315,7 +314,6 @@ def measure_inference_in_subprocess(folder: str | os.PathLike, dtype: str = "flo
     fresh interpreter (own memory, own compile state), with ``threads`` torch threads (None: torch's default)."""
     command = [sys.executable, "-m", "acip.efficiency", str(folder), "--inference", "--dtype", dtype,
                "--new-tokens", str(new_tokens)] + ["--compile"] * compile + ["--package"] * package  # fmt: skip
-
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
