@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .files import fsync_path
 from .hub.modeling_acip import ACIPModel
 
 FORMAT = "acip-aot-1"  # written into every package's metadata; a package without it was not made by build_package
@@ -77,7 +78,6 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
         raise RuntimeError("build_package() needs an unquantized model: 4-bit layers do not export")
 
     base = model.model
-
     members = [base.get_submodule(name) for name in model.config.target_modules] if model.config.fused_groups else []
     layout = next((m.layout for m in members if hasattr(m, "layout")), None)
     generation_config, base.generation_config = base.generation_config, base.generation_config.__class__.from_dict(
@@ -107,7 +107,9 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
             options = {"aot_inductor.metadata": metadata, "aot_inductor.package_constants_in_so": False,
                        "aot_inductor.package_constants_on_disk_format": "binary_blob"}  # fmt: skip
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options)
+        fsync_path(tmp)  # as acip.files writes: flushed, renamed over the target, the folder flushed
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         base.generation_config = generation_config
         if layout is not None:

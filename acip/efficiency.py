@@ -70,6 +70,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _best(fn, best_of: int) -> float:
+    """The shortest of ``best_of`` timed calls: on a shared machine the least disturbed one."""
+    return min(_timed(fn) for _ in range(best_of))
+
+
+def _decode_rate(generate, batch: int, new_tokens: int, best_of: int) -> float:
+    """Decoded tokens/s of ``generate(n)`` (n new tokens for ``batch`` sequences). Generating one token is the
+    prompt's forward pass: the difference to ``new_tokens`` leaves the new_tokens - 1 decode steps."""
+    steps = _best(lambda: generate(new_tokens), best_of) - _best(lambda: generate(1), best_of)
+    return batch * (new_tokens - 1) / max(steps, 1e-9)
+
+
 @torch.inference_mode()
 def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Load a saved ACIP model and measure it in this process; returns an EfficiencyRow's fields but name/ratio."""
@@ -89,12 +101,9 @@ def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int
 
     model(ids[:, :8])  # first calls pay one-off costs (kernel selection, allocator growth)
     generate(2)
-    # Best of `repeats`: on a shared machine the fastest run is the one least disturbed by others. Prefill keeps
-    # the last position's logits only, as generate() does.
-    prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(repeats))
-    # Generating one token is the prompt's forward pass; the difference leaves the new_tokens - 1 decode steps.
-    one = min(_timed(lambda: generate(1)) for _ in range(repeats))
-    full = min(_timed(lambda: generate(new_tokens)) for _ in range(repeats))
+    # Best of `repeats`. Prefill keeps the last position's logits only, as generate() does.
+    prefill = _best(lambda: model(ids, logits_to_keep=1), repeats)
+    decode = _decode_rate(generate, 1, new_tokens, repeats)
     rss_mib, process_rss_mib = _added_mib(before, folder)
     return {
         "params": model.get_num_params(full=True),
@@ -106,7 +115,7 @@ def measure(folder: str | os.PathLike, prompt_tokens: int = 256, new_tokens: int
         "process_rss_mib": process_rss_mib,
         "peak_rss_mib": (peak_rss_bytes() - before[1]) / _MIB,
         "prefill_tokens_per_s": prompt_tokens / prefill,
-        "decode_tokens_per_s": (new_tokens - 1) / max(full - one, 1e-9),
+        "decode_tokens_per_s": decode,
     }
 
 
@@ -231,24 +240,19 @@ def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile
         return model.generate(ids[:batch, :PROMPT], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               pad_token_id=0, **cache)  # fmt: skip
 
-    def best(fn) -> float:
-        return min(_timed(fn) for _ in range(best_of))
-
     figures = {"first_calls_s": 0.0}
     for batch in batches:
         start = time.perf_counter()  # first calls: one-off costs (compilation, kernel selection, allocator growth)
         generate(batch, 2)
         figures["first_calls_s"] += time.perf_counter() - start
-        # Generating one token is the prompt's forward pass; the difference leaves the new_tokens - 1 decode steps.
-        steps = best(lambda: generate(batch, new_tokens)) - best(lambda: generate(batch, 1))
-        figures[f"decode_b{batch}"] = batch * (new_tokens - 1) / max(steps, 1e-9)
+        figures[f"decode_b{batch}"] = _decode_rate(lambda n: generate(batch, n), batch, new_tokens, best_of)
         if batch == batches[0]:  # the model as a chat user runs it: weights (all read by now) and a small cache
             figures["rss_mib"], figures["process_rss_mib"] = _added_mib(before, folder)
     for length in prompts:
         start = time.perf_counter()
         model(ids[:1, :length], logits_to_keep=1)
         figures["first_calls_s"] += time.perf_counter() - start
-        figures[f"prefill_{length}"] = length / best(lambda: model(ids[:1, :length], logits_to_keep=1))
+        figures[f"prefill_{length}"] = length / _best(lambda: model(ids[:1, :length], logits_to_keep=1), best_of)
     figures["params"] = model.get_num_params(full=True)
     return figures
 
@@ -282,17 +286,13 @@ def measure_packages(folder: str | os.PathLike, new_tokens: int = 32, batches: S
     before = _resident(folder)
     figures = {"first_calls_s": 0.0}
 
-    def best(fn) -> float:
-        return min(_timed(fn) for _ in range(best_of))
-
     for batch in batches:
         start = time.perf_counter()
         lm = PackagedLM(folder / f"decode_b{batch}.pt2")
         ids = torch.randint(lm.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
         lm.generate(ids, 2)
         figures["first_calls_s"] += time.perf_counter() - start
-        steps = best(lambda: lm.generate(ids, new_tokens)) - best(lambda: lm.generate(ids, 1))
-        figures[f"decode_b{batch}"] = batch * (new_tokens - 1) / max(steps, 1e-9)
+        figures[f"decode_b{batch}"] = _decode_rate(lambda n: lm.generate(ids, n), batch, new_tokens, best_of)
         if batch == batches[0]:
             figures["rss_mib"], figures["process_rss_mib"] = _added_mib(before, folder)
         del lm
@@ -303,7 +303,7 @@ def measure_packages(folder: str | os.PathLike, new_tokens: int = 32, batches: S
     lm(ids[:, :PROMPT])
     figures["first_calls_s"] += time.perf_counter() - start
     for length in prompts:
-        figures[f"prefill_{length}"] = length / best(lambda: lm(ids[:, :length]))
+        figures[f"prefill_{length}"] = length / _best(lambda: lm(ids[:, :length]), best_of)
     figures["params"] = 0  # not known from a package (the folder's model has them)
     return figures
 
