@@ -45,6 +45,20 @@ def _static_cache_module(base_model, batch_size: int, max_cache_len: int):
     return LastLogits(base_model, batch_size=batch_size, max_cache_len=max_cache_len)
 
 
+def check_package_target(path: Path, batch_size: int, max_cache_len: int, overwrite: bool) -> None:
+    """The checks of :func:`build_package` that need no model (a clear error naming the argument), so that a caller
+    can make them before loading one."""
+    if Path(path).suffix != ".pt2":
+        raise ValueError(f"path must end in .pt2 (a PyTorch package), got {str(path)!r}")
+    for name, value, lowest in (("batch_size", batch_size, 1), ("max_cache_len", max_cache_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"the folder of path does not exist: {Path(path).parent}")
+
+
 def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1, max_cache_len: int = 1024,
                   overwrite: bool = False) -> Path:  # fmt: skip
     """Compile ``model`` ahead of time into the package ``path`` (a ``.pt2`` file) for ``batch_size`` sequences of
@@ -56,11 +70,7 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
     path = Path(path)
     if not isinstance(model, ACIPModel):
         raise TypeError(f"model must be an ACIPModel, got {type(model).__name__}")
-    if path.suffix != ".pt2":
-        raise ValueError(f"path must end in .pt2 (a PyTorch package), got {str(path)!r}")
-    for name, value, lowest in (("batch_size", batch_size, 1), ("max_cache_len", max_cache_len, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+    check_package_target(path, batch_size, max_cache_len, overwrite)
     positions = getattr(model.config.text_config, "max_position_embeddings", None)
     if positions is not None and max_cache_len > positions:
         raise ValueError(f"max_cache_len must be at most the model's max_position_embeddings ({positions}), "
@@ -70,10 +80,6 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
         # transformers' exportable static cache has no sliding window: beyond it the package would attend further
         # back than the model does
         raise ValueError(f"max_cache_len must be at most the model's sliding_window ({window}), got {max_cache_len}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder of path does not exist: {path.parent}")
     if getattr(model.config, "quantization_config", None) is not None:
         raise RuntimeError("build_package() needs an unquantized model: 4-bit layers do not export")
 

@@ -1,6 +1,6 @@
 """The ``acip`` command line: ``acip compress`` (the ACIP run), ``acip eval`` (perplexity across size ratios,
-zero-shot tasks, size and speed), ``acip finetune`` (LoRA on a compressed model) and ``acip export`` (a folder
-ready for the Hub, optionally pushed)."""
+zero-shot tasks, size and speed), ``acip finetune`` (LoRA on a compressed model), ``acip export`` (a folder
+ready for the Hub, optionally pushed) and ``acip package`` (a compressed model compiled ahead of time)."""
 
 import argparse
 import dataclasses
@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from .distributed import Processes
-from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS, check_ratios
+from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS, check_ratios, check_size_ratio
 from .finetune import FinetuneConfig, finetune
 from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
@@ -112,6 +112,35 @@ def export_main(args: argparse.Namespace) -> None:
         print(f"pushed to {url}")
 
 
+def package_main(args: argparse.Namespace) -> None:
+    """acip package: prune to --ratio, compress, fuse and compile ahead of time into one .pt2 file (acip.aot)."""
+    import torch
+
+    from .aot import build_package, check_package_target
+    from .hub.modeling_acip import ACIPModel
+
+    check_model_source("model_dir", args.model_dir)
+    if Path(args.model_dir).is_dir():
+        check_not_busy(args.model_dir, "model_dir")
+    if args.ratio is not None:
+        check_size_ratio(args.ratio)
+    check_package_target(Path(args.out), args.batch_size, args.max_cache_len, args.overwrite)
+    start = time.perf_counter()
+    model = ACIPModel.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
+    if model.config.compressed and args.ratio is not None:
+        raise ValueError(f"model_dir {args.model_dir} is already compressed; package it without ratio (--ratio)")
+    if not model.config.compressed and args.ratio is None:
+        raise ValueError(f"model_dir {args.model_dir} is prunable: give the size ratio to package (--ratio, in (0, 1])")
+    if args.ratio is not None:
+        model.prune_model_by_score(compression_ratio=args.ratio).compress()
+    if args.fuse and not model.config.fused_groups:
+        model.fuse()
+    path = build_package(model, args.out, args.batch_size, args.max_cache_len, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; size ratio {model.get_size_ratio():.3f}, batch "
+          f"{args.batch_size}, up to {args.max_cache_len} tokens) in {time.perf_counter() - start:.0f} s; run it with "
+          "acip.aot.PackagedLM(path).generate(input_ids, max_new_tokens)")  # fmt: skip
+
+
 def eval_main(args: argparse.Namespace) -> None:
     """acip eval: held-out perplexity across size ratios (default), zero-shot tasks (--tasks) or size, memory and
     speed (--efficiency) of a saved ACIP model; tables are printed and written next to the model."""
@@ -179,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``acip`` command."""
     parser = argparse.ArgumentParser(prog="acip", description="Any Compression via Iterative Pruning")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_compress, _add_finetune, _add_export, _add_eval):
+    for add_command in (_add_compress, _add_finetune, _add_export, _add_eval, _add_package):
         add_command(commands)
     return parser
 
@@ -222,6 +251,23 @@ def _add_export(commands) -> None:
     export.add_argument("--push-to-hub", action="store_true", help="upload to --repo-id (token: HF_TOKEN or hf login)")
     export.add_argument("--private", action="store_true", help="create the Hub repository as private")
     export.set_defaults(main=export_main)
+
+
+def _add_package(commands) -> None:
+    """``acip package``: a compressed model compiled ahead of time."""
+    package = commands.add_parser(
+        "package", help="prune a saved ACIP model to a size, compress, fuse and compile it ahead of time (one .pt2 "
+        "file, run by acip.aot.PackagedLM without a compiler in the serving process; minutes on a CPU)"
+    )  # fmt: skip
+    package.add_argument("model_dir", help="a saved ACIP model (prunable: give --ratio; or compressed)")
+    package.add_argument("out", help="the package to write (NAME.pt2)")
+    package.add_argument("--ratio", type=float, default=None, help="prune to this size ratio and compress first")
+    package.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights")
+    package.add_argument("--no-fuse", dest="fuse", action="store_false", help="compile the unfused compressed form")
+    package.add_argument("--batch-size", type=int, default=1, help="sequences per call (fixed in the package)")
+    package.add_argument("--max-cache-len", type=int, default=1024, help="prompt + generated tokens at most")
+    package.add_argument("--overwrite", action="store_true", help="replace an existing package when done")
+    package.set_defaults(main=package_main)
 
 
 def _add_eval(commands) -> None:

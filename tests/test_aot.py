@@ -15,15 +15,14 @@ def greedy(model, ids, n):
 
 
 @pytest.mark.parametrize(
-    "kind, fused",
-    [("qwen2", True), pytest.param("llama", False, marks=pytest.mark.slow),
-     pytest.param("mistral", True, marks=pytest.mark.slow)],  # fmt: skip
+    "kind, dtype",  # llama unfused: tests/test_cli.py
+    [("qwen2", torch.float32), pytest.param("mistral", torch.bfloat16, marks=pytest.mark.slow)],
 )
 @needs_compiler
-def test_package_decodes_what_the_model_decodes(tmp_path, kind, fused):
-    model = tiny_acip_model(kind).prune_model_by_score(0.6).compress()
-    if fused:
-        model.fuse()
+def test_package_decodes_what_the_model_decodes(tmp_path, kind, dtype):
+    model = tiny_acip_model(kind).prune_model_by_score(0.6).compress().fuse().to(dtype)
+    # bfloat16: the compiled kernels sum in another order than eager ones; a near-tie may then pick another token
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     before = copy.deepcopy(model.state_dict())
     layouts = {n: getattr(m, "layout", None) for n, m in model.model.named_modules()}
     path = build_package(model, tmp_path / "model.pt2", batch_size=2, max_cache_len=24)
@@ -36,15 +35,17 @@ def test_package_decodes_what_the_model_decodes(tmp_path, kind, fused):
     lm = PackagedLM(path)
     assert (lm.batch_size, lm.max_cache_len) == (2, 24)
     ids = token_ids(2, 7)
-    assert torch.equal(lm.generate(ids, 9), greedy(model, ids, 9))
+    if dtype == torch.float32:
+        assert torch.equal(lm.generate(ids, 9), greedy(model, ids, 9))
     with torch.no_grad():
         expected = model(ids).logits[:, -1]
-    torch.testing.assert_close(lm(ids), expected, atol=1e-4, rtol=1e-4)
+    assert lm(ids).dtype == dtype
+    torch.testing.assert_close(lm(ids), expected, **tolerance)
     # a step continues from the cache the previous call filled
     more = token_ids(2, 3, seed=1)
     with torch.no_grad():
         expected = model(torch.cat([ids, more], 1)).logits[:, -1]
-    torch.testing.assert_close(lm(more, start=7), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lm(more, start=7), expected, **tolerance)
 
     # EOS: a row that produced it goes on with pad_token_id; decoding stops once every row has
     free = lm.generate(ids, 8)

@@ -1,14 +1,17 @@
-"""The acip command (acip/cli.py): help texts, acip eval writing its report next to the model, and resuming a run with
-no other option."""
+"""The acip command (acip/cli.py): help texts, acip eval writing its report next to the model, resuming a run with
+no other option, and acip package."""
 
 import csv
 import dataclasses
 import json
 
 import pytest
-from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, words_file
+import torch
+from conftest import needs_compiler, save_tiny_run, tiny_base_model, tiny_tokenizer, token_ids, words_file
 
+from acip.aot import PackagedLM
 from acip.cli import main
+from acip.hub.modeling_acip import ACIPModel
 from acip.training import ACIPRunConfig, ACIPTask, run_acip
 
 
@@ -61,3 +64,40 @@ def test_compress_resume_with_no_other_option_continues_with_the_recorded_settin
     assert record["finished"] and record["config"] == dataclasses.asdict(config)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "run_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, record["steps"] + 1)) and record["steps"] >= 2
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--ratio", "1.5"], r"ratio must be in \(0, 1\]"),
+     ([], r"prunable: give the size ratio"),
+     (["--ratio", "0.5", "--max-cache-len", "1"], "max_cache_len must be an integer >= 2"),
+     (["--ratio", "0.5", "--batch-size", "0"], "batch_size must be an integer >= 1")],  # fmt: skip
+)
+def test_package_refuses_bad_arguments_and_writes_nothing(tmp_path, extra, match):
+    acip_dir, _ = save_tiny_run(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        main(["package", str(acip_dir), str(tmp_path / "m.pt2"), *extra])
+    with pytest.raises(ValueError, match="must end in .pt2"):
+        main(["package", str(acip_dir), str(tmp_path / "m.bin"), "--ratio", "0.5"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acip", "base"]
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_package_prunes_compresses_and_compiles(tmp_path, capsys):
+    acip_dir, _ = save_tiny_run(tmp_path)
+    path = tmp_path / "m.pt2"
+    args = ["package", str(acip_dir), str(path), "--ratio", "0.6", "--no-fuse", "--batch-size", "2",
+            "--max-cache-len", "24"]  # fmt: skip
+    main(args)
+    assert f"wrote {path}" in capsys.readouterr().out
+    model = ACIPModel.from_pretrained(acip_dir).eval().prune_model_by_score(0.6).compress()
+    ids = token_ids(2, 7)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+    assert torch.equal(PackagedLM(path).generate(ids, 9), expected)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        main(args)
+    model.save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="already compressed"):
+        main(["package", str(tmp_path / "small"), str(tmp_path / "n.pt2"), "--ratio", "0.5"])

@@ -140,7 +140,8 @@ def test_any_size_post_tuning_with_distillation(corpus, tmp_path):
     post = [r for r in log if r["phase"] == "post-tune"]
     sizes = [r["size_ratio"] for r in post]
     assert len(post) == 6 and len(set(sizes)) == 6 and 0.5 <= min(sizes) and max(sizes) <= 1.0
-    assert all("kd" in r and r["kd"] >= 0 for r in log)
+    # KL >= 0, up to float32 rounding: at step 1 the student is the teacher (full ranks, LoRA B = 0), KL ~ +-1e-8
+    assert all("kd" in r and r["kd"] >= -1e-6 for r in log) and abs(log[0]["kd"]) < 1e-6
     assert model.get_size_ratio() == 1.0  # saved unpruned
     pruned = [r for r in log if r["phase"] == "prune"]
     assert pruned[-1]["size_ratio"] <= 0.5
