@@ -84,6 +84,12 @@ def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def greedy(model, ids: torch.Tensor, max_new_tokens: int = 8, **kwargs) -> torch.Tensor:
+    """The model's own greedy continuation of ``ids`` (every prompt token attended: no pad-id masking)."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=0, **kwargs)  # fmt: skip
+
+
 def tiny_tokenizer():
     """A word-level tokenizer over the tiny vocabulary, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

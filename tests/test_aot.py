@@ -4,14 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import needs_compiler, tiny_acip_model, token_ids
+from conftest import greedy, needs_compiler, tiny_acip_model, token_ids
 
 from acip.aot import PackagedLM, build_package
-
-
-def greedy(model, ids, n):
-    """The model's own greedy continuation (every prompt token attended: no pad-id masking)."""
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
-from conftest import tiny_acip_model, tiny_tokenizer, token_ids
+from conftest import greedy, tiny_acip_model, tiny_tokenizer, token_ids
 from transformers import AutoModelForCausalLM, pipeline
 
 from acip import ACIPModel
@@ -27,11 +27,6 @@ def logits(model, ids=None):
     """Logits of the model on fixed token ids, no gradients."""
     with torch.no_grad():
         return model(token_ids(2, 12) if ids is None else ids).logits
-
-
-def greedy(model, ids, **kwargs):
-    """Greedy continuation of ``ids`` (8 new tokens)."""
-    return model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
