@@ -17,6 +17,7 @@ AUTO_MAP = {
 
 
 BASES = ("weight", "whitened")
+RANK_COSTS = ("aligned", "factors")  # as pruning.RANK_COSTS (this file imports only transformers)
 
 
 class ACIPConfig(PretrainedConfig):
@@ -36,6 +37,9 @@ class ACIPConfig(PretrainedConfig):
             each in call order.
         basis: the singular basis the layers were factorized in: ``"weight"`` (SVD of W) or ``"whitened"`` (SVD of
             W·L, L Lᵀ the Gram matrix of the layer's calibration inputs). Informational: shapes do not depend on it.
+        rank_cost: what a layer of rank r costs, and so what a size ratio means and how ``compress()`` stores it:
+            ``"aligned"`` r·(in + out − r), stored gauge-aligned (new models), or ``"factors"`` r·(in + out), stored
+            as two plain factors (the original implementation's rule, kept by models converted from it).
     """
 
     model_type = "acip"
@@ -52,6 +56,7 @@ class ACIPConfig(PretrainedConfig):
         base_model_name_or_path: str | None = None,
         basis: str = "weight",
         fused_groups: list[list[str]] | None = None,
+        rank_cost: str = "aligned",
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -67,6 +72,9 @@ class ACIPConfig(PretrainedConfig):
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
         self.basis = basis
+        if rank_cost not in RANK_COSTS:
+            raise ValueError(f"rank_cost must be one of {RANK_COSTS}, got {rank_cost!r}")
+        self.rank_cost = rank_cost
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
         self.fused_groups = [list(group) for group in fused_groups or []]

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .parametrization import LowRankLinear, linear_num_params
+from .parametrization import AlignedLowRankLinear, LowRankLinear, aligned_output, linear_num_params
+
+FACTORED = (LowRankLinear, AlignedLowRankLinear)
 
 
 class SharedInput(nn.Module):
@@ -54,14 +56,16 @@ class SharedInput(nn.Module):
 
 class FusedLinear(nn.Module):
     """A target layer of a fused model: its slice of its group's shared input matmul, then its own output factor
-    ``u`` (rank -> out, with the bias), or for a layer stored dense no factor, only its ``bias``.
+    ``u`` (rank -> out, with the bias), or for a layer stored dense no factor, only its ``bias``. A gauge-aligned
+    layer's slice is its output on its rows Q; ``u`` (rank -> out − rank) gives the others, ``order`` puts them in
+    place, and it holds its ``bias`` itself (see :class:`AlignedLowRankLinear`).
 
     The member called first in the group owns the :class:`SharedInput` as its child ``shared`` (so the state dict
     holds it once: ``<first>.shared.proj.weight``); every member refers to it.
     """
 
     def __init__(self, shared: SharedInput, index: int, out_features: int, rank: int | None, bias: bool,
-                 last: bool, device=None, dtype=None):  # fmt: skip
+                 last: bool, aligned: bool = False, device=None, dtype=None):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = shared.proj.in_features, out_features
         self.index, self.last, self.alone = index, last, len(shared.sizes) == 1
@@ -69,17 +73,21 @@ class FusedLinear(nn.Module):
         self.__dict__["_shared"] = shared  # a plain reference: registered once, under the first member
         if index == 0:
             self.shared = shared
-        if rank is None:  # stored dense: the slice is the output
-            dense_bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-            self.register_parameter("bias", dense_bias)  # before ``u`` exists, so the ``bias`` property is unset
+        self.aligned = aligned and rank is not None
+        if rank is None or self.aligned:  # dense: the slice is the output; aligned: it is the output on rows Q
+            own_bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+            self.register_parameter("bias", own_bias)  # before ``u`` exists, so the ``bias`` property is unset
             self.u = None
-        else:
+        if self.aligned:
+            self.u = nn.Linear(rank, out_features - rank, bias=False, device=device, dtype=dtype)
+            self.register_buffer("order", torch.empty(out_features if rank else 0, dtype=torch.long, device=device))
+        elif rank is not None:
             self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The layer's bias: held by the output factor, or by the layer itself when it is stored dense."""
-        return self._parameters.get("bias") if self.u is None else self.u.bias
+        """The layer's bias: held by the output factor, or by the layer itself when it is stored dense or aligned."""
+        return self._parameters.get("bias") if self.u is None or self.aligned else self.u.bias
 
     @property
     def rank(self) -> int | None:
@@ -104,6 +112,8 @@ class FusedLinear(nn.Module):
             if self.last:
                 shared.stash = None  # the group is done with this input: hold no activations between calls
             h = stash[1][self.index]
+        if self.aligned:
+            return aligned_output(h, _linear(self.u, h), self.order, self.bias)
         if self.u is not None:
             return _linear(self.u, h)
         # A dense member's output is a slice of a wider matmul: make it an ordinary contiguous tensor, as
@@ -112,9 +122,8 @@ class FusedLinear(nn.Module):
 
     def num_params(self) -> int:
         """Parameters of the layer (its rows of the shared matmul, its output factor, its bias)."""
-        if self.u is not None:
-            return self.rows * self.in_features + linear_num_params(self.u)
-        return self.rows * self.in_features + (self.bias.numel() if self.bias is not None else 0)
+        bias = self.bias.numel() if self.bias is not None and (self.u is None or self.aligned) else 0
+        return self.rows * self.in_features + (linear_num_params(self.u) if self.u is not None else 0) + bias
 
     def _apply(self, fn, recurse=True):
         # A dtype or device change may call for the other weight layout (see the module docstring).
@@ -123,7 +132,7 @@ class FusedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        rank = "dense" if self.u is None else f"rank={self.rank}"
+        rank = "dense" if self.u is None else f"rank={self.rank}{', aligned' if self.aligned else ''}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {rank}, slice={self.index}"
 
 
@@ -180,13 +189,14 @@ def _own_every_tensor(model: nn.Module) -> None:
 
 def _input_side(layer: nn.Module) -> torch.Tensor:
     """The (rows, in) weight a compressed layer applies to its input: ``sv`` of a factorized layer, else W."""
-    return layer.sv.weight if isinstance(layer, LowRankLinear) else layer.weight
+    return layer.sv.weight if isinstance(layer, FACTORED) else layer.weight
 
 
 def _check_fusable(name: str, layer: nn.Module) -> None:
-    """A clear error unless ``layer`` is a plain compressed layer: LowRankLinear of plain factors, or nn.Linear."""
+    """A clear error unless ``layer`` is a plain compressed layer: factors (aligned or not) of plain nn.Linear
+    layers, or an nn.Linear."""
     plain = type(layer) is nn.Linear or (
-        type(layer) is LowRankLinear and type(layer.sv) is nn.Linear and type(layer.u) is nn.Linear
+        type(layer) in FACTORED and type(layer.sv) is nn.Linear and type(layer.u) is nn.Linear
     )
     if not plain:
         raise RuntimeError(
@@ -226,7 +236,7 @@ def fusable_groups(model: nn.Module, groups: list[list[str]]) -> list[list[str]]
         for name, layer in zip(group, layers):
             _check_fusable(name, layer)
         widths = {(layer.in_features, _input_side(layer).dtype) for layer in layers}
-        if any(isinstance(layer, LowRankLinear) for layer in layers) and len(widths) == 1:
+        if any(isinstance(layer, FACTORED) for layer in layers) and len(widths) == 1:
             kept.append(group)
         else:
             kept.extend([name] for name in group)
@@ -244,13 +254,15 @@ def fuse_group(model: nn.Module, group: list[str]) -> None:
     stacked = torch.cat(weights) if len(weights) > 1 else first
     shared.proj.weight = nn.Parameter(stacked, requires_grad=first.requires_grad)
     for index, (name, layer) in enumerate(zip(group, layers)):
-        factorized = isinstance(layer, LowRankLinear)
+        factorized, aligned = isinstance(layer, FACTORED), isinstance(layer, AlignedLowRankLinear)
         member = FusedLinear(shared, index, layer.out_features, layer.rank if factorized else None,
-                             layer.bias is not None, last=index == len(group) - 1, device="meta",
+                             layer.bias is not None, last=index == len(group) - 1, aligned=aligned, device="meta",
                              dtype=first.dtype)  # fmt: skip
         if factorized:
             member.u = layer.u
-        else:
+        if aligned:
+            member.order = layer.order
+        if not factorized or aligned:
             member.register_parameter("bias", layer.bias)
         lay_out(member)
         model.set_submodule(name, member)
@@ -265,11 +277,15 @@ def unfuse_group(model: nn.Module, group: list[str]) -> None:
     for name, member, weight in zip(group, members, rows):
         weight = nn.Parameter(weight.contiguous(), requires_grad=weight.requires_grad)
         if member.u is not None:
-            layer = LowRankLinear(member.in_features, member.out_features, member.rank, member.u.bias is not None,
-                                  device="meta")  # fmt: skip
+            factors = AlignedLowRankLinear if member.aligned else LowRankLinear
+            layer = factors(member.in_features, member.out_features, member.rank, member.bias is not None,
+                            device="meta")  # fmt: skip
             layer.sv.weight = weight
             member.u.weight = nn.Parameter(member.u.weight.contiguous(), requires_grad=member.u.weight.requires_grad)
             layer.u = member.u
+            if member.aligned:
+                layer.order = member.order
+                layer.bias = member.bias
         else:
             layer = nn.Linear(member.in_features, member.out_features, bias=member.bias is not None, device="meta")
             layer.weight = weight

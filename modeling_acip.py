@@ -17,10 +17,18 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMix
 
 from .configuration_acip import ACIPConfig
 from .fusing import FusedLinear, build_fused, fuse_model, settle_loaded, unfuse_model
-from .parametrization import LowRankLinear, SVDLinear, keep_4bit_cpu_path_safe, linear_num_params, to_4bit
+from .parametrization import (
+    AlignedLowRankLinear,
+    LowRankLinear,
+    SVDLinear,
+    keep_4bit_cpu_path_safe,
+    linear_num_params,
+    to_4bit,
+)
 from .pruning import (  # QUANT_TYPES: the package imports it from here
     QUANT_TYPES,
     bytes_budget,
+    check_rank_cost,
     check_ratio,
     check_scores,
     check_storage,
@@ -52,7 +60,7 @@ def _check_plain_base(base_model: nn.Module) -> None:
     if getattr(getattr(base_model, "config", None), "model_type", None) == ACIPConfig.model_type:
         raise TypeError("base_model is already an ACIP model; pass the plain causal LM it was built from")
     for name, module in base_model.named_modules():
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, (LowRankLinear, AlignedLowRankLinear)):
             raise ValueError(
                 f"base_model already holds ACIP layers ({type(module).__name__} at {name!r}); pass a plain causal LM, "
                 "or wrap layers built by acip.parametrize with ACIPModel.from_parametrized_base"
@@ -176,7 +184,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             return SVDLinear(**shape, mask_constant=self.config.mask_constant, **like)
         if name in self.config.dense_modules:
             return nn.Linear(**shape, **like)
-        return LowRankLinear(**shape, rank=self.config.layer_ranks[name], **like)
+        factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" else LowRankLinear
+        return factors(**shape, rank=self.config.layer_ranks[name], **like)
 
     @classmethod
     @torch.no_grad()
@@ -186,24 +195,30 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         target_modules: str | list[str] = "all-linear",
         exclude_modules: str | list[str] | None = None,
         mask_constant: float = 2e-2,
+        rank_cost: str = "aligned",
     ) -> "ACIPModel":
         """Wrap a loaded causal LM, its target linear layers replaced by SVD-parametrized ones (plain SVD of each
         weight). Every layer is checked and converted before any is swapped in, so a failure leaves ``base_model``
-        exactly as it was. At ratio 1.0 the result computes what the base model did. For the whitened basis and a
-        memory-lean build of large models, use ``acip.parametrize``."""
+        exactly as it was. At ratio 1.0 the result computes what the base model did. ``rank_cost`` is the cost
+        rule sizes are counted by (see ACIPConfig). For the whitened basis and a memory-lean build of large models,
+        use ``acip.parametrize``."""
+        check_rank_cost(rank_cost)
         names = find_target_modules(base_model, target_modules, exclude_modules)
         layers = {name: SVDLinear.from_linear(base_model.get_submodule(name), mask_constant) for name in names}
         for name, layer in layers.items():
             base_model.set_submodule(name, layer)
-        return cls.from_parametrized_base(base_model)
+        return cls.from_parametrized_base(base_model, rank_cost=rank_cost)
 
     @classmethod
-    def from_parametrized_base(cls, base_model: PreTrainedModel, basis: str = "weight") -> "ACIPModel":
+    def from_parametrized_base(cls, base_model: PreTrainedModel, basis: str = "weight",
+                               rank_cost: str = "aligned") -> "ACIPModel":  # fmt: skip
         """Wrap a base causal LM whose target layers are already SVDLinear (built with ``SVDLinear.from_svd``):
-        the targets are those layers in module order, the mask constant theirs, ``basis`` as they were built."""
+        the targets are those layers in module order, the mask constant theirs, ``basis`` as they were built,
+        sizes counted by ``rank_cost``."""
         names, mask_constant = _parametrized_layers(base_model)
         config = ACIPConfig(text_config=base_model.config, target_modules=names, mask_constant=mask_constant,
-                            base_model_name_or_path=getattr(base_model, "name_or_path", None) or None, basis=basis)
+                            base_model_name_or_path=getattr(base_model, "name_or_path", None) or None, basis=basis,
+                            rank_cost=rank_cost)  # fmt: skip
         # The targets are plain float layers now, so a quantization record of the base model (e.g. the GGUF file it
         # was de-quantized from) no longer describes the weights; kept, it would mark reloads as quantized.
         if getattr(base_model.config, "quantization_config", None) is not None:
@@ -284,9 +299,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
 
     def get_num_params(self, full: bool = False) -> int:
         """Parameters after compression at the current pruning state: target layers only, or the whole model."""
-        layers = self.acip_layers().values()
-        current = sum(m.num_params() if isinstance(m, (LowRankLinear, FusedLinear)) else linear_num_params(m)
-                      for m in layers)  # fmt: skip
+        current = sum(_layer_num_params(layer, self.config.rank_cost) for layer in self.acip_layers().values())
         return current + _outside_num_params(self, full)
 
     def get_size_ratio(self, full: bool = False) -> float:
@@ -298,9 +311,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         """Bytes of parameters and buffers the model will hold after ``compress()`` at the current pruning state
         (tied weights once); with ``dtype`` after ``.to(dtype)``, or with "nf4"/"fp4" after ``quantize()``
         (4-bit weights, their quantization constants, everything else as it is)."""
-        storage = _storage(self, dtype)
+        storage, rule = _storage(self, dtype), self.config.rank_cost
         layers = self._prunable_layers().values()
-        weights = sum(layer_bytes(int(m.kept.sum()), m.in_features, m.out_features, storage) for m in layers)
+        weights = sum(layer_bytes(int(m.kept.sum()), m.in_features, m.out_features, storage, rule) for m in layers)
         return _fixed_bytes(self, storage) + weights
 
     @torch.no_grad()
@@ -329,19 +342,20 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def compress(self) -> "ACIPModel":
-        """Commit to the current pruning: slice every layer to its kept ranks, or back to a dense nn.Linear where
-        factors would not be smaller. Memory really shrinks; not revertible. Returns the model."""
+        """Commit to the current pruning: every layer keeps only its kept ranks, stored as the model's cost rule
+        prices them (``config.rank_cost``: gauge-aligned, or two plain factors), or back to a dense nn.Linear where
+        the rule stores it dense. Memory really shrinks; not revertible. Returns the model."""
         layers = self._prunable_layers()
         if any(type(layer.sv) is not nn.Linear or type(layer.u) is not nn.Linear for layer in layers.values()):
             raise RuntimeError(
                 "compress() needs plain factor layers: merge LoRA adapters first (peft merge_and_unload) and "
                 "compress before quantize()"
             )
-        small = {name: layer.compressed() for name, layer in layers.items()}
+        small = {name: layer.compressed(self.config.rank_cost) for name, layer in layers.items()}
         for name, layer in small.items():
             self.model.set_submodule(name, layer)
-        self.config.layer_ranks = {n: m.rank for n, m in small.items() if isinstance(m, LowRankLinear)}
-        self.config.dense_modules = [n for n, m in small.items() if not isinstance(m, LowRankLinear)]
+        self.config.layer_ranks = {n: m.rank for n, m in small.items() if type(m) is not nn.Linear}
+        self.config.dense_modules = [n for n, m in small.items() if type(m) is nn.Linear]
         self.config.compressed = True
         return self
 
@@ -411,6 +425,16 @@ def _check_mask_constant(model: "ACIPModel") -> None:
             )
 
 
+def _layer_num_params(layer: nn.Module, rule: str) -> int:
+    """Parameters of a target layer once compressed (an SVD layer at its current mask, under cost ``rule``), or as
+    stored now (any compressed form, 4-bit included: its logical weights)."""
+    if isinstance(layer, SVDLinear):
+        return layer.num_params(rule)
+    if isinstance(layer, (LowRankLinear, AlignedLowRankLinear, FusedLinear)):
+        return layer.num_params()
+    return linear_num_params(layer)
+
+
 def _outside_num_params(model: "ACIPModel", full: bool) -> int:
     """With ``full``: parameters outside the target layers (embeddings, norms, head, untargeted layers), tied ones
     once; else 0."""
@@ -436,13 +460,14 @@ def pruning_plan(model: "ACIPModel", compression_ratio=None, size_ratio=None, fu
             raise ValueError("pass either a compression_ratio or a memory_budget, not both")
         storage = _storage(model, dtype)
         budget = bytes_budget(memory_budget, _fixed_bytes(model, storage), storage)
-        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple)
+        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple, model.config.rank_cost)
     else:
         if dtype is not None:
             raise ValueError("dtype only applies to memory_budget")
         ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
         fixed = other + sum(m.out_features for m in layers if m.bias is not None)
-        keep, _ = plan_pruning(scores, shapes, ratio_budget(ratio, total, fixed, full), rank_multiple)
+        budget = ratio_budget(ratio, total, fixed, full)
+        keep, _ = plan_pruning(scores, shapes, budget, rank_multiple, model.config.rank_cost)
     return keep
 
 

@@ -8,6 +8,12 @@ with the two factors kept as plain ``nn.Linear`` children (``sv``: in -> k holdi
 and the bias), so that bitsandbytes, peft ``"all-linear"`` and transformers' quantized loading see ordinary linear
 layers. The full (out, in) weight is never materialised in the forward pass.
 
+Compressed to rank r, a layer is stored in the form its model's cost rule prices (pruning.py): two plain factors
+(:class:`LowRankLinear`, ``"factors"``) or gauge-aligned (:class:`AlignedLowRankLinear`, ``"aligned"``): the pair
+``U_r·V_r`` (out, r)·(r, in) equals ``(U_r·A⁻¹)·(A·V_r)`` for any invertible (r, r) ``A``; taking for ``A`` the r rows
+Q of ``U_r`` that span it best makes the first factor the identity on those rows, so only ``V' = A·V_r`` and the other
+rows ``U'' = U_rest·A⁻¹`` are stored, r·(in + out − r) numbers instead of r·(in + out).
+
 This file is part of the Hub payload: it imports only torch, optional bitsandbytes and its sibling pruning.py.
 """
 
@@ -92,6 +98,117 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     if bias is not None:
         layer.bias.copy_(bias)
     return layer
+
+
+class AlignedLowRankLinear(nn.Module):
+    """A rank-r linear map stored gauge-aligned: ``z = sv(x)`` is the output on r chosen rows, ``u(z)`` on the others.
+
+    ``sv`` (in -> r) holds ``V' = U_Q·V``, ``u`` (r -> out − r) holds ``U'' = U_rest·U_Q⁻¹``, and ``order`` (out,)
+    puts the rows back in place: ``y = cat(z, u(z))[..., order] + bias``. It stores r·(in + out − r) weights where
+    plain factors store r·(in + out); the compressed form of an ACIP layer under the ``"aligned"`` cost rule. A rank-0
+    layer holds an empty order (its output is its bias).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [0, {min(in_features, out_features)}], got {rank}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sv = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # V', (rank, in)
+        self.u = nn.Linear(rank, out_features - rank, bias=False, device=device, dtype=dtype)  # U'', (out - rank, rank)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("order", torch.empty(out_features if rank else 0, dtype=torch.long, device=device))
+
+    @property
+    def rank(self) -> int:
+        """Number of singular directions this layer holds."""
+        return self.sv.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat(sv(x), u(sv(x)))`` with its rows put in order, plus the bias: (..., in) -> (..., r) -> (..., out)."""
+        z = self.sv(x)
+        return aligned_output(z, self.u(z), self.order, self.bias)
+
+    def num_params(self) -> int:
+        """Parameters of the layer as stored now (bias included); the row order is an index, not a parameter."""
+        bias = self.out_features if self.bias is not None else 0
+        return self.rank * (self.in_features + self.out_features - self.rank) + bias
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight this layer applies, in float32."""
+        v = _plain_linear(self.sv, "input").weight.float()  # (r, in)
+        stacked = torch.cat([v, _plain_linear(self.u, "output").weight.float() @ v])  # (out, in), rows Q first
+        return stacked[self.order] if self.rank else stacked
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """An ordinary nn.Linear computing the same map."""
+        return _dense_linear(self._dense_weight(), self.bias, self.sv.weight.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, u: torch.Tensor, sv: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "AlignedLowRankLinear":  # fmt: skip
+        """The aligned form of ``u @ sv`` (u: (out, r), sv: (r, in)), computed in float64 on their device."""
+        (out_features, rank), in_features = u.shape, sv.shape[1]
+        dtype = dtype or sv.dtype
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, rank, bias=bias is not None, dtype=dtype)
+        rows = dominant_rows(u)  # (out,): the r rows Q first, then the others in order
+        wide = u.double()
+        top = wide[rows[:rank]]  # (r, r), well conditioned
+        layer.sv.weight = nn.Parameter((top @ sv.double()).to(dtype))
+        layer.u.weight = nn.Parameter(torch.linalg.solve(top, wide[rows[rank:]], left=False).to(dtype))
+        layer.order = torch.argsort(rows) if rank else rows[:0]
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(dtype).clone())
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, aligned"
+
+
+def aligned_output(z: torch.Tensor, rest: torch.Tensor, order: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The output of an aligned layer from ``z`` (..., r), its output on the rows Q, and ``rest`` (..., out − r),
+    ``u(z)``, its output on the others."""
+    y = torch.cat((z, rest), dim=-1).index_select(-1, order) if order.numel() else rest  # (..., out)
+    return y + bias if bias is not None else y
+
+
+@torch.no_grad()
+def dominant_rows(u: torch.Tensor, tolerance: float = 0.05, max_swaps: int | None = None) -> torch.Tensor:
+    """A permutation of the rows of ``u`` (out, r) whose first r rows Q span it well: every other row is a
+    combination of them with coefficients of magnitude at most 1 + ``tolerance`` (a dominant submatrix).
+
+    Rows are first chosen by Gaussian elimination with partial pivoting (LU), then improved by swapping in any row
+    whose coefficient exceeds the bound (the maxvol iteration: each swap raises |det U_Q| by that coefficient), at
+    most ``max_swaps`` times (default 2r). Bounded coefficients keep ``U''`` as small as the rows of U, so that it
+    rounds (bf16) and quantizes (4-bit) as well as U does. Float64 throughout.
+    """
+    out_features, rank = u.shape
+    if rank == 0:
+        return torch.arange(out_features, device=u.device)
+    wide = u.double()
+    lu, pivots = torch.linalg.lu_factor(wide)  # pivots: LAPACK's row swaps, 1-based
+    perm = list(range(out_features))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    chosen = torch.tensor(perm[:rank], device=u.device)
+    coef = torch.linalg.solve(wide[chosen], wide, left=False)  # (out, r): u = coef @ u[Q]; coef[Q] = I
+    for _ in range(2 * rank if max_swaps is None else max_swaps):
+        flat = int(coef.abs().argmax())
+        i, j = divmod(flat, rank)
+        pivot = coef[i, j]
+        if abs(float(pivot)) <= 1 + tolerance:
+            break
+        row = coef[i].clone()
+        row[j] -= 1
+        coef -= torch.outer(coef[:, j] / pivot, row)  # row i becomes e_j: row i takes column j's place in Q
+        chosen[j] = i
+    taken = torch.zeros(out_features, dtype=torch.bool, device=u.device)
+    taken[chosen] = True
+    return torch.cat([chosen, torch.nonzero(~taken).squeeze(1)])
 
 
 class SVDLinear(LowRankLinear):
@@ -202,20 +319,25 @@ class SVDLinear(LowRankLinear):
         keep = keep.to(device=self.mask.device, dtype=torch.bool)
         self.mask.copy_(torch.where(keep, self.mask_constant, 0.0))
 
-    def num_params(self) -> int:
-        """Parameters the layer will have once compressed at its current mask (bias included)."""
+    def num_params(self, rule: str = "aligned") -> int:
+        """Parameters the layer will have once compressed at its current mask under cost ``rule`` (bias included)."""
         bias = self.out_features if self.bias is not None else 0
-        return rank_cost(int(self.kept.sum()), self.in_features, self.out_features) + bias
+        return rank_cost(int(self.kept.sum()), self.in_features, self.out_features, rule) + bias
 
     @torch.no_grad()
-    def compressed(self) -> nn.Module:
-        """The physically small layer for the current mask: factors sliced to the kept ranks, or a dense nn.Linear
-        when factors would not be smaller. The two compute the same map as this layer does now."""
+    def compressed(self, rule: str = "aligned") -> nn.Module:
+        """The physically small layer for the current mask in the form cost ``rule`` prices: the kept ranks
+        gauge-aligned (:class:`AlignedLowRankLinear`, "aligned") or as sliced factors (:class:`LowRankLinear`,
+        "factors"), or a dense nn.Linear where the rule stores it dense. Each computes the map this layer computes now.
+        """
         keep = self.kept
         rank = int(keep.sum())
         sv, u = _plain_linear(self.sv, "input"), _plain_linear(self.u, "output")
-        if is_dense_rank(rank, self.in_features, self.out_features):
+        if is_dense_rank(rank, self.in_features, self.out_features, rule):
             return _dense_linear(self._dense_weight(self.mask_value()), self.bias, sv.weight.dtype)
+        if rule == "aligned":
+            u_kept = u.weight[:, keep].float() * self.mask_constant  # (out, r)
+            return AlignedLowRankLinear.from_factors(u_kept, sv.weight[keep].float(), self.bias, sv.weight.dtype)
         layer = LowRankLinear(
             self.in_features, self.out_features, rank, self.bias is not None, sv.weight.device, sv.weight.dtype
         )

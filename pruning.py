@@ -1,8 +1,17 @@
 """What a pruned model costs, and which singular values to keep: pure functions of (scores, layer shapes, storage).
 
-One rule prices a layer: a layer of rank r with an (out, in) weight costs ``r·(in + out)`` weights as two factors, or
-``in·out`` stored dense when that is not larger. Bytes follow from it for a storage dtype (a torch dtype, or 4-bit
-``"nf4"``/``"fp4"``: two values per byte plus one float32 absmax per block of 64 weights).
+A cost rule prices a layer of rank r with an (out, in) weight; it belongs to the model (``ACIPConfig.rank_cost``):
+
+- ``"aligned"`` (new models): ``r·(in + out − r)`` weights. ``compress()`` stores the factor pair gauge-aligned: of
+  ``W = U·V`` it keeps ``V' = U_Q·V`` (r, in) and ``U'' = U_rest·U_Q⁻¹`` (out − r, r) for r chosen output rows Q, so
+  the rows Q of the layer's output are ``V'x`` itself and the others ``U''·V'x``. Every rank below min(in, out) then
+  saves weights; a layer is stored dense only where the aligned pair would save fewer weights than the ``out``
+  entries of the row order it needs, ``(in − r)·(out − r) < out``.
+- ``"factors"`` (the original implementation's, kept by models converted from it): ``r·(in + out)`` as two plain
+  factors, or ``in·out`` stored dense when that is not larger.
+
+Bytes follow from the rule for a storage dtype (a torch dtype, or 4-bit ``"nf4"``/``"fp4"``: two values per byte
+plus one float32 absmax per block of 64 weights); an aligned layer adds its row order (int64, ``out`` entries).
 
 The planner ranks every singular value of every layer once, globally (:class:`Ranking`), and answers each prune of
 that score map by a search over prefix costs of the ranking: by a weight budget (``compression_ratio``) or by a byte
@@ -21,6 +30,8 @@ import torch
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
+RANK_COSTS = ("aligned", "factors")
+ORDER_BYTES = 8  # an aligned layer's row order: one int64 per output feature
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -30,15 +41,43 @@ BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def is_dense_rank(rank, in_features, out_features):
-    """Whether a layer of ``rank`` is stored dense after compression, because two factors would not be smaller."""
+def check_rank_cost(rule: str) -> str:
+    """``rule`` if it is one of :data:`RANK_COSTS`; a clear error otherwise."""
+    if rule not in RANK_COSTS:
+        raise ValueError(f"rank_cost must be one of {RANK_COSTS}, got {rule!r}")
+    return rule
+
+
+def is_dense_rank(rank, in_features, out_features, rule="aligned"):
+    """Whether a layer of ``rank`` is stored dense after compression under cost ``rule``: the factors would not be
+    smaller (``"factors"``), or the aligned pair would save fewer weights than its row order holds (``"aligned"``)."""
+    if rule == "aligned":
+        return (in_features - rank) * (out_features - rank) < out_features
     return rank * (in_features + out_features) >= in_features * out_features
 
 
-def rank_cost(rank, in_features, out_features):
-    """Weights a layer of ``rank`` costs once compressed (bias excluded): factors, or dense when that is no larger."""
-    factors, dense = rank * (in_features + out_features), in_features * out_features
-    return factors.clamp(max=dense) if isinstance(factors, torch.Tensor) else min(factors, dense)
+def rank_cost(rank, in_features, out_features, rule="aligned"):
+    """Weights a layer of ``rank`` costs once compressed (bias excluded) under cost ``rule``: its factors, or
+    ``in·out`` where it is stored dense."""
+    dense = in_features * out_features
+    width = in_features + out_features - rank if rule == "aligned" else in_features + out_features
+    factors = rank * width
+    is_dense = is_dense_rank(rank, in_features, out_features, rule)
+    if isinstance(is_dense, torch.Tensor):
+        return torch.where(is_dense, dense, factors)
+    return dense if is_dense else factors
+
+
+def first_dense_rank(in_features: torch.Tensor, out_features: torch.Tensor, rule="aligned") -> torch.Tensor:
+    """(L,) the smallest rank at which each layer is stored dense under ``rule`` (at most min(in, out)), by a
+    binary search over ranks: :func:`is_dense_rank` is monotone in the rank."""
+    lo = torch.zeros_like(in_features)  # not dense (a rank-0 layer costs nothing)
+    hi = torch.minimum(in_features, out_features)  # dense
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        dense = is_dense_rank(mid, in_features, out_features, rule)
+        lo, hi = torch.where(dense, lo, mid), torch.where(dense, mid, hi)
+    return hi
 
 
 def tensor_bytes(numel, storage):
@@ -48,11 +87,16 @@ def tensor_bytes(numel, storage):
     return numel * storage.itemsize
 
 
-def layer_bytes(rank, in_features, out_features, storage):
+def layer_bytes(rank, in_features, out_features, storage, rule="aligned"):
     """Bytes of a layer's weights compressed to ``rank`` (bias excluded), by the same rule as :func:`rank_cost`."""
     dense = tensor_bytes(in_features * out_features, storage)
-    factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rank * out_features, storage)
-    is_dense = is_dense_rank(rank, in_features, out_features)
+    if rule == "aligned":  # V' (rank, in), U'' (out - rank, rank) and the row order
+        rows = out_features - rank
+        factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rows * rank, storage)
+        factors = factors + ORDER_BYTES * out_features * (rank > 0)  # a rank-0 layer needs no row order
+    else:
+        factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rank * out_features, storage)
+    is_dense = is_dense_rank(rank, in_features, out_features, rule)
     if isinstance(is_dense, torch.Tensor):
         return torch.where(is_dense, dense, factors)
     return dense if is_dense else factors
@@ -192,7 +236,8 @@ class Ranking:
     Holds about 20 bytes per score, plus 8 per score for each storage a memory budget was asked in.
     """
 
-    def __init__(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]):
+    def __init__(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]], rule: str = "aligned"):
+        self.rule = check_rank_cost(rule)
         self.ranks = tuple(int(s.numel()) for s in scores)
         self.shapes = [(int(i), int(o)) for i, o in shapes]
         if len(self.shapes) != len(self.ranks):
@@ -218,10 +263,9 @@ class Ranking:
         self._taken.scatter_(0, by_layer, (torch.arange(n) - starts.index_select(0, layer_ids)).to(torch.int32))
         self.in_features = torch.tensor([i for i, _ in self.shapes], dtype=torch.int64)  # (L,)
         self.out_features = torch.tensor([o for _, o in self.shapes], dtype=torch.int64)  # (L,)
-        first_dense = (self.in_features * self.out_features + self.in_features + self.out_features - 1) // (
-            self.in_features + self.out_features)  # (L,) the smallest rank stored dense: ceil(in·out / (in + out))
+        first_dense = first_dense_rank(self.in_features, self.out_features, rule)  # (L,) smallest rank stored dense
         self._dense_from = by_layer.index_select(0, starts + first_dense - 1) + 1  # (L,) prefixes that make it dense
-        self.cost = self._prefix_totals(rank_cost)  # (n + 1,) weights of every prefix
+        self.cost = self._prefix_totals(lambda r, i, o: rank_cost(r, i, o, rule))  # (n + 1,) weights of every prefix
         self._bytes = {}
 
     def _prefix_totals(self, price) -> torch.Tensor:
@@ -234,20 +278,24 @@ class Ranking:
         return torch.cat([added.new_zeros(1), added.cumsum(0)])
 
     def bytes(self, storage) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n + 1,) bytes of the compressed layers' weights in ``storage`` at every prefix length, and their running
-        maximum (computed once per storage).
+        """(n + 1,) bytes of the compressed layers' weights in ``storage`` at every prefix length, and their suffix
+        minimum: the fewest bytes of this or any longer prefix (computed once per storage).
 
-        A few bytes can go back where a layer turns dense in 4 bits (two partly filled blocks of absmax become one);
-        searching the running maximum finds the longest prefix all of whose prefixes fit, nested by construction."""
+        Bytes are not monotone in the prefix: a layer turning dense gives some back (an aligned layer's row order
+        goes, in 4 bits two partly filled blocks of absmax become one). The longest prefix that fits a budget is the
+        last position whose suffix minimum fits, found by one search; a larger budget finds a longer one (nested)."""
         if storage not in self._bytes:
-            sizes = self._prefix_totals(lambda r, i, o: layer_bytes(r, i, o, storage))
-            self._bytes[storage] = sizes, sizes.cummax(0).values
+            sizes = self._prefix_totals(lambda r, i, o: layer_bytes(r, i, o, storage, self.rule))
+            self._bytes[storage] = sizes, sizes.flip(0).cummin(0).values.flip(0)
         return self._bytes[storage]
 
-    def is_for(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> bool:
-        """Whether this ranking still describes ``scores``: the same tensors, unchanged since (their in-place version
-        counter and storage). Writes that bypass the counter (``.data``, numpy views) are not seen."""
-        if len(scores) != len(self._sources) or [(int(i), int(o)) for i, o in shapes] != self.shapes:
+    def is_for(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]], rule: str) -> bool:
+        """Whether this ranking still describes ``scores`` under cost ``rule``: the same tensors, unchanged since
+        (their in-place version counter and storage). Writes that bypass the counter (``.data``, numpy views) are not
+        seen."""
+        if rule != self.rule or len(scores) != len(self._sources):
+            return False
+        if [(int(i), int(o)) for i, o in shapes] != self.shapes:
             return False
         return all(
             ref() is s and s._version == version and s.data_ptr() == pointer
@@ -264,14 +312,14 @@ class Ranking:
         counts = torch.bincount(self._layer_of[:prefix], minlength=len(self.ranks))  # (L,)
         full = torch.tensor(self.ranks, dtype=torch.int64)
         rounded = torch.minimum((counts + multiple - 1) // multiple * multiple, full)
-        return torch.where(is_dense_rank(rounded, self.in_features, self.out_features), full, rounded)
+        return torch.where(is_dense_rank(rounded, self.in_features, self.out_features, self.rule), full, rounded)
 
     def rounded_cost(self, prefix: int, multiple: int, storage=None) -> int:
         """Weights (or with ``storage``, bytes) of the plan that rounds the first ``prefix`` items' ranks up."""
         ranks = self.rounded_ranks(prefix, multiple)
         if storage is None:
-            return int(rank_cost(ranks, self.in_features, self.out_features).sum())
-        return int(layer_bytes(ranks, self.in_features, self.out_features, storage).sum())
+            return int(rank_cost(ranks, self.in_features, self.out_features, self.rule).sum())
+        return int(layer_bytes(ranks, self.in_features, self.out_features, storage, self.rule).sum())
 
     def keep_ranks(self, ranks: torch.Tensor) -> list[torch.Tensor]:
         """One boolean keep mask (k,) per layer keeping its ``ranks[l]`` best items, by the global order."""
@@ -292,12 +340,13 @@ _RANKINGS: list[Ranking] = []  # the last few score maps seen, most recent last
 _KEPT_RANKINGS = 4
 
 
-def ranking(scores: list[torch.Tensor], shapes: list[tuple[int, int]]) -> Ranking:
-    """The :class:`Ranking` of a score map: sorted when the map is new or changed, else the cached one."""
+def ranking(scores: list[torch.Tensor], shapes: list[tuple[int, int]], rule: str = "aligned") -> Ranking:
+    """The :class:`Ranking` of a score map under cost ``rule``: sorted when the map is new or changed, else the cached
+    one."""
     for cached in _RANKINGS:
-        if cached.is_for(scores, shapes):
+        if cached.is_for(scores, shapes, rule):
             return cached
-    fresh = Ranking(scores, shapes)
+    fresh = Ranking(scores, shapes, rule)
     _RANKINGS[:] = [r for r in _RANKINGS if r.alive()][-(_KEPT_RANKINGS - 1) :] + [fresh]
     return fresh
 
@@ -318,7 +367,8 @@ def _check_multiple(rank_multiple) -> int:
 
 
 def plan_pruning(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, rank_multiple: int = 1
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, rank_multiple: int = 1,
+    rule: str = "aligned",
 ) -> tuple[list[torch.Tensor], int]:
     """Choose which singular values to keep so that the compressed layers cost at least ``budget`` weights, by as
     little as one rank allows: the shortest prefix of the global ranking (see :class:`Ranking`) whose cost reaches
@@ -334,11 +384,12 @@ def plan_pruning(
         shapes: ``(in_features, out_features)`` per layer, in the same order.
         budget: weights the compressed layers may cost (biases excluded); clipped to [0, every layer dense].
         rank_multiple: round every kept rank up to a multiple of this (1: no rounding).
+        rule: the cost rule of the model (see :data:`RANK_COSTS`).
 
     Returns:
         One boolean keep mask per layer, and the cost of the plan in weights.
     """
-    order, multiple = ranking(scores, shapes), _check_multiple(rank_multiple)
+    order, multiple = ranking(scores, shapes, rule), _check_multiple(rank_multiple)
     budget = min(max(int(budget), 0), int(order.cost[-1]))
     prefix = int(torch.searchsorted(order.cost, budget))  # the shortest prefix that costs at least the budget
     if multiple == 1:
@@ -350,18 +401,20 @@ def plan_pruning(
 
 
 def plan_memory(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage, rank_multiple: int = 1
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage, rank_multiple: int = 1,
+    rule: str = "aligned",
 ) -> tuple[list[torch.Tensor], int]:
     """The largest prefix of the global ranking whose compressed layers' weights take at most ``budget`` bytes in
     ``storage`` (see :func:`layer_bytes`); the same order as :func:`plan_pruning`, so also nested. With
-    ``rank_multiple``, the largest prefix whose plan, ranks rounded up as in :func:`plan_pruning`, fits.
+    ``rank_multiple``, the largest prefix whose plan, ranks rounded up as in :func:`plan_pruning`, fits; ``rule`` the
+    model's cost rule.
 
     Returns:
         One boolean keep mask per layer, and the bytes of the plan's weights.
     """
-    order, multiple = ranking(scores, shapes), _check_multiple(rank_multiple)
-    sizes, most = order.bytes(storage)  # (n + 1,) each
-    prefix = int(torch.searchsorted(most, int(budget), right=True)) - 1  # the longest prefix within the budget
+    order, multiple = ranking(scores, shapes, rule), _check_multiple(rank_multiple)
+    sizes, least = order.bytes(storage)  # (n + 1,) each
+    prefix = int(torch.searchsorted(least, int(budget), right=True)) - 1  # the longest prefix within the budget
     if prefix < 0:  # every layer at rank 0 takes 0 bytes: only a negative budget gets here
         raise ValueError(f"no plan fits {budget} bytes")
     if multiple == 1:

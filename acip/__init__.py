@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .hub.configuration_acip import ACIPConfig
 from .hub.modeling_acip import ACIPModel
-from .hub.parametrization import LowRankLinear, SVDLinear
+from .hub.parametrization import AlignedLowRankLinear, LowRankLinear, SVDLinear
 from .hub.pruning import plan_pruning
 from .training import ACIPRunConfig, preset, run_acip
 from .build import parametrize
@@ -15,7 +15,7 @@ AutoModel.register(ACIPConfig, ACIPModel, exist_ok=True)
 AutoModelForCausalLM.register(ACIPConfig, ACIPModel, exist_ok=True)
 
 __all__ = [
-    "ACIPConfig", "ACIPModel", "ACIPRunConfig", "LowRankLinear", "SVDLinear", "parametrize", "plan_pruning", "preset",
-    "run_acip",
+    "ACIPConfig", "ACIPModel", "ACIPRunConfig", "AlignedLowRankLinear", "LowRankLinear", "SVDLinear", "parametrize",
+    "plan_pruning", "preset", "run_acip",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from torch import nn
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel, find_target_modules
 from .hub.parametrization import SVDLinear
+from .hub.pruning import check_rank_cost
 from .whitening import BlockwiseWhitening, whitened_layer
 
 try:  # glibc only; elsewhere (macOS, Windows, musl) freed memory is simply left to the allocator
@@ -42,10 +43,12 @@ def parametrize(
     mask_constant: float = 2e-2,
     batch_size: int = 8,
     sequential: bool = True,
+    rank_cost: str = "aligned",
 ) -> ACIPModel:
     """The ACIP model of a base causal LM in the chosen singular basis: ``"weight"`` (SVD of each weight) or
     ``"whitened"`` (SVD of W·L from the (N, T) token ids ``calibration``; scores start at the whitened singular
-    values, so ``prune_model_by_score`` is a data-aware truncation right away).
+    values, so ``prune_model_by_score`` is a data-aware truncation right away); ``rank_cost`` is the cost rule sizes
+    are counted by (see ACIPConfig).
 
     Every argument is checked before anything changes. The base model is then converted in place, one layer at a time
     (each dense weight freed as soon as its factors exist), so that the peak memory stays near the finished model's.
@@ -56,6 +59,7 @@ def parametrize(
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if not (isinstance(mask_constant, (int, float)) and mask_constant > 0):
         raise ValueError(f"mask_constant must be a number > 0, got {mask_constant!r}")
+    check_rank_cost(rank_cost)
     names = find_target_modules(base_model, target_modules, exclude_modules)
     whitening = None
     if basis == "whitened":
@@ -80,7 +84,7 @@ def parametrize(
             for name in done:
                 base_model.set_submodule(name, base_model.get_submodule(name).compressed())  # full rank: dense
         raise
-    return ACIPModel.from_parametrized_base(base_model, basis=basis).train(was_training)
+    return ACIPModel.from_parametrized_base(base_model, basis=basis, rank_cost=rank_cost).train(was_training)
 
 
 def _check_calibration(calibration, base_model: nn.Module) -> None:

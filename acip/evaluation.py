@@ -54,7 +54,7 @@ def uniform_scores(model: ACIPModel) -> dict[str, torch.Tensor]:
     scores = {}
     for name, layer in model.acip_layers().items():
         ranks = torch.arange(1, layer.rank + 1, dtype=torch.float64)
-        cost = rank_cost(ranks, layer.in_features, layer.out_features)
+        cost = rank_cost(ranks, layer.in_features, layer.out_features, model.config.rank_cost)
         scores[name] = (-cost / (layer.in_features * layer.out_features)).float()
     return scores
 

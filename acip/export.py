@@ -270,6 +270,7 @@ def model_card(model: ACIPModel, folder: Path, repo_id: str, license: str, requi
         "card_data": card_data.to_yaml(),
         "title": f"{short_name}, ACIP: " + ("prunable to any size" if prunable else f"{100 * ratio:.0f}% of the size"),
         "prunable": prunable,
+        "rank_cost": model.config.rank_cost,
         "base_model": base,
         "base_model_url": f"https://huggingface.co/{base}" if _is_hub_id(base) else "#how-it-was-made",
         "percent": f"{100 * ratio:.0f}",

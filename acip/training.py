@@ -32,7 +32,7 @@ from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel, pruning_plan
-from .hub.pruning import rank_cost
+from .hub.pruning import RANK_COSTS, check_rank_cost, rank_cost
 from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
 from .objective import ACIPObjective, teacher_logits
@@ -66,6 +66,7 @@ class ACIPRunConfig(TrainingConfig):
     calibration_data: str | None = field(default=None, metadata={"help": "text whose activations whiten the basis (basis whitened); default: the training data"})
     calibration_blocks: int = field(default=32, metadata={"help": "sequences of calibration text (basis whitened)"})
     calibration_block_size: int = field(default=256, metadata={"help": "tokens per calibration sequence (basis whitened)"})
+    rank_cost: str = field(default="aligned", metadata={"help": "what a layer of rank r costs, and so what a size ratio means: aligned r·(in + out − r), stored gauge-aligned, or factors r·(in + out), the original implementation's", "choices": RANK_COSTS})
     device_map: str | None = field(default=None, metadata={"help": "spread the base model over every visible GPU (one process; for models larger than one GPU)", "choices": DEVICE_MAPS})
 
     def validate(self) -> None:
@@ -74,6 +75,7 @@ class ACIPRunConfig(TrainingConfig):
         check_device_map(self.device_map)
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
+        check_rank_cost(self.rank_cost)
         if not 0 < self.stop_ratio < 1:
             raise ValueError(f"stop_ratio must be in (0, 1), got {self.stop_ratio!r}")
         for name in ("lambda_every", "max_steps", "calibration_blocks", "calibration_block_size"):
@@ -179,7 +181,7 @@ class ACIPTask(Task):
         self.teacher = frozen_teacher(base_model, runtime) if config.distill_alpha > 0 else None
         self.acip_model = parametrize(
             base_model, config.basis, self._calibration(), config.target_modules, config.exclude_modules,
-            config.mask_constant,
+            config.mask_constant, rank_cost=config.rank_cost,
         )  # fmt: skip
         self.acip_model.requires_grad_(False)
         if config.gradient_checkpointing:
@@ -282,7 +284,7 @@ class ACIPTask(Task):
         for layer in self.layers.values():
             kept = int((layer.mask.detach() > c / 2).sum())
             total += layer.in_features * layer.out_features
-            fixed += rank_cost(kept, layer.in_features, layer.out_features)
+            fixed += rank_cost(kept, layer.in_features, layer.out_features, self.acip_model.config.rank_cost)
         return fixed / total
 
     def _freeze_masks(self) -> None:

@@ -68,11 +68,11 @@ def tiny_base_model(kind: str = "llama", seed: int = 0):
     return model
 
 
-def tiny_acip_model(kind: str = "llama", seed: int = 0, random_scores: bool = True):
+def tiny_acip_model(kind: str = "llama", seed: int = 0, random_scores: bool = True, rank_cost: str = "aligned"):
     """A tiny ACIP model; random scores stand in for a trained score map."""
     from acip import ACIPModel
 
-    model = ACIPModel.from_base_model(tiny_base_model(kind, seed)).eval()
+    model = ACIPModel.from_base_model(tiny_base_model(kind, seed), rank_cost=rank_cost).eval()
     if random_scores:
         generator = torch.Generator().manual_seed(seed + 1)
         model.score_map = {name: torch.randn(s.shape, generator=generator) for name, s in model.score_map.items()}
@@ -104,6 +104,12 @@ def tiny_tokenizer():
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def kind(request) -> str:
     """Each tiny architecture in turn."""
+    return request.param
+
+
+@pytest.fixture(params=["aligned", "factors"])
+def rank_cost(request) -> str:
+    """Each cost rule in turn, and so each compressed form (gauge-aligned, plain factors)."""
     return request.param
 
 

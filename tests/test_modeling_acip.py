@@ -1,5 +1,6 @@
 """ACIPModel on tiny Llama / Qwen2 / Mistral models: pruning, compression, quantization, saving, loading, peft."""
 
+import copy
 import json
 import math
 import re
@@ -11,7 +12,7 @@ from conftest import tiny_acip_model, tiny_base_model, tiny_tokenizer, token_ids
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, pipeline
 
-from acip import ACIPModel, LowRankLinear, SVDLinear
+from acip import ACIPModel, AlignedLowRankLinear, LowRankLinear, SVDLinear
 from acip.hub.modeling_acip import find_target_modules
 
 
@@ -129,8 +130,8 @@ def test_score_map_assignment_is_checked_before_writing():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_compress_matches_pruned_model_and_reloads_at_compressed_size(kind, tmp_path):
-    model = tiny_acip_model(kind)
+def test_compress_matches_pruned_model_and_reloads_at_compressed_size(kind, rank_cost, tmp_path):
+    model = tiny_acip_model(kind, rank_cost=rank_cost)
     model.prune_model_by_score(0.5)
     pruned = logits(model)
     predicted = model.get_num_params(full=True)
@@ -143,11 +144,40 @@ def test_compress_matches_pruned_model_and_reloads_at_compressed_size(kind, tmp_
 
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["compressed"] is True
+    assert config["compressed"] is True and config["rank_cost"] == rank_cost
     assert set(config["layer_ranks"]) | set(config["dense_modules"]) == set(config["target_modules"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert sum(p.numel() for p in reloaded.parameters()) == predicted
     torch.testing.assert_close(logits(reloaded), logits(model), atol=0, rtol=0)
+
+
+def test_aligned_form_computes_what_the_plain_factors_compute(kind):
+    # One pruning state, compressed in each form: the aligned pair is the plain pair in another gauge.
+    model = tiny_acip_model(kind).prune_model_by_score(0.5)
+    pruned = logits(model)
+    aligned = copy.deepcopy(model).compress()
+    plain = copy.deepcopy(model)
+    plain.config.rank_cost = "factors"
+    plain.compress()
+    assert any(type(m) is AlignedLowRankLinear for m in aligned.acip_layers().values())
+    assert not any(type(m) is AlignedLowRankLinear for m in plain.acip_layers().values())
+    torch.testing.assert_close(logits(aligned), logits(plain), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(aligned), pruned, atol=1e-4, rtol=0)
+    assert aligned.get_num_params() < plain.get_num_params()
+
+
+def test_the_cost_rule_decides_what_a_ratio_keeps():
+    aligned, factors = tiny_acip_model("llama"), tiny_acip_model("llama", rank_cost="factors")
+    kept = {}
+    for model in (aligned, factors):
+        model.prune_model_by_score(0.6)
+        kept[model.config.rank_cost] = sum(int(m.kept.sum()) for m in model.acip_layers().values())
+        assert model.get_size_ratio() == pytest.approx(0.6, abs=0.02)
+    assert kept["aligned"] > kept["factors"]
+    with pytest.raises(ValueError, match="rank_cost must be one of"):
+        ACIPModel.config_class(rank_cost="dense")
+    with pytest.raises(ValueError, match="rank_cost must be one of"):
+        ACIPModel.from_base_model(tiny_base_model("llama"), rank_cost="r*(in+out)")
 
 
 def test_compressed_folder_is_smaller_on_disk(tmp_path):
@@ -426,10 +456,11 @@ def test_target_module_selection():
     assert type(model.model.model.layers[1].mlp.up_proj) is nn.Linear
 
 
-def test_compressed_layers_are_plain_modules():
-    model = tiny_acip_model("llama").prune_model_by_score(0.3).compress()
+@pytest.mark.parametrize("rank_cost, form", [("aligned", AlignedLowRankLinear), ("factors", LowRankLinear)])
+def test_compressed_layers_are_plain_modules(rank_cost, form):
+    model = tiny_acip_model("llama", rank_cost=rank_cost).prune_model_by_score(0.3).compress()
     kinds = {type(layer) for layer in model.acip_layers().values()}
-    assert kinds <= {LowRankLinear, nn.Linear} and LowRankLinear in kinds
+    assert kinds <= {form, nn.Linear} and form in kinds
 
 
 # -- pruning by memory budget -----------------------------------------------------------------------------------------

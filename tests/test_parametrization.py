@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from acip.hub.parametrization import LowRankLinear, SVDLinear
+from acip.hub.parametrization import AlignedLowRankLinear, LowRankLinear, SVDLinear, dominant_rows
 
 
 def _dense(in_features=24, out_features=40, bias=True, seed=0):
@@ -98,10 +98,15 @@ def test_set_kept_is_revertible_and_compressed_matches():
     keep[[0, 2, 5, 7]] = True
     layer.set_kept(keep)
     pruned = layer(x)
-    small = layer.compressed()
-    assert isinstance(small, LowRankLinear) and small.rank == 4
+    small = layer.compressed("factors")
+    assert type(small) is LowRankLinear and small.rank == 4
     torch.testing.assert_close(small(x), pruned, atol=1e-5, rtol=1e-5)
-    assert small.num_params() == layer.num_params() == 4 * (24 + 40) + 40
+    assert small.num_params() == layer.num_params("factors") == 4 * (24 + 40) + 40
+    aligned = layer.compressed()
+    assert type(aligned) is AlignedLowRankLinear and aligned.rank == 4
+    torch.testing.assert_close(aligned(x), pruned, atol=1e-5, rtol=1e-5)
+    assert aligned.num_params() == layer.num_params() == 4 * (24 + 40 - 4) + 40
+    assert sum(p.numel() for p in aligned.parameters()) == aligned.num_params()
     layer.set_kept(torch.ones(24, dtype=torch.bool))
     torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
 
@@ -124,17 +129,53 @@ def test_no_grad_forward_computes_only_the_kept_ranks(monkeypatch):
     assert shapes == [(7, 24), (40, 7)]
 
 
-def test_compressed_goes_dense_when_factors_are_not_smaller():
+@pytest.mark.parametrize("rule, dropped", [("factors", 5), ("aligned", 1)])
+def test_compressed_goes_dense_when_factors_are_not_smaller(rule, dropped):
+    # factors: 19 * 64 >= 24 * 40; aligned: a rank-23 pair would save (24-23)·(40-23) = 17 < 40 weights, less than
+    # its row order holds
     dense = _dense(24, 40)
     layer = SVDLinear.from_linear(dense)
     keep = torch.ones(24, dtype=torch.bool)
-    keep[-5:] = False  # 19 * 64 >= 24 * 40: factors would not be smaller
+    keep[-dropped:] = False
     layer.set_kept(keep)
-    small = layer.compressed()
+    small = layer.compressed(rule)
     assert type(small) is nn.Linear
     x = torch.randn(4, 24)
     torch.testing.assert_close(small(x), layer(x), atol=1e-5, rtol=1e-5)
-    assert layer.num_params() == 24 * 40 + 40
+    assert layer.num_params(rule) == 24 * 40 + 40
+    keep[-2:] = False  # aligned at rank 22: saves 2·18 = 36 < 40, still dense; factors still dense
+    layer.set_kept(keep)
+    assert type(layer.compressed(rule)) is nn.Linear
+    keep[-3:] = False  # aligned at rank 21: saves 3·19 = 57 weights
+    layer.set_kept(keep)
+    assert type(layer.compressed(rule)) is (nn.Linear if rule == "factors" else AlignedLowRankLinear)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_aligned_layer_equals_the_plain_factors(shape, bias):
+    dense = _dense(*shape, bias=bias)
+    layer = SVDLinear.from_linear(dense)
+    x = torch.randn(3, 5, shape[0])
+    k = min(shape)
+    for rank in (0, 1, k // 3, k // 2, k - 6):  # all stored aligned: (in - r)·(out - r) >= out
+        layer.set_kept(torch.randperm(k, generator=torch.Generator().manual_seed(rank)) < rank)
+        plain, aligned = layer.compressed("factors"), layer.compressed("aligned")
+        assert type(aligned) is AlignedLowRankLinear and aligned.rank == rank
+        torch.testing.assert_close(aligned(x), plain(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(aligned.to_dense()(x), plain(x), atol=1e-4, rtol=0)
+        assert aligned.num_params() == rank * (sum(shape) - rank) + (shape[1] if bias else 0)
+
+
+def test_dominant_rows_bound_the_coefficients():
+    torch.manual_seed(0)
+    u = torch.randn(60, 12) * torch.logspace(0, -3, 12)  # columns of very different scale, as U·diag(s) has
+    rows = dominant_rows(u)
+    assert sorted(rows.tolist()) == list(range(60))
+    top = u[rows[:12]].double()
+    coef = torch.linalg.solve(top, u.double(), left=False)  # u = coef @ u[Q]
+    assert float(coef.abs().max()) <= 1.05 + 1e-9  # every row a combination of the chosen ones, |coefficients| <= 1.05
+    torch.testing.assert_close(coef[rows[:12]], torch.eye(12, dtype=torch.float64))
 
 
 def test_low_rank_to_dense():

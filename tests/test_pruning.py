@@ -7,8 +7,10 @@ import torch
 
 import acip.hub.pruning as pruning
 from acip.hub.pruning import (
+    RANK_COSTS,
     check_ratio,
     check_scores,
+    first_dense_rank,
     is_dense_rank,
     layer_bytes,
     parse_bytes,
@@ -26,26 +28,44 @@ SHAPES = [(12, 20), (20, 12), (16, 16), (12, 6), (30, 12)]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rule", RANK_COSTS)
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, "nf4", "fp4"])
-def test_costs_of_ints_and_tensors_agree(storage):
-    for in_features, out_features in SHAPES + [(64, 176), (7, 3)]:
+def test_costs_of_ints_and_tensors_agree(storage, rule):
+    shapes = SHAPES + [(64, 176), (7, 3)]
+    for in_features, out_features in shapes:
         ranks = torch.arange(min(in_features, out_features) + 1)
-        costs = rank_cost(ranks, in_features, out_features)
-        dense = is_dense_rank(ranks, in_features, out_features)
-        sizes = layer_bytes(ranks, in_features, out_features, storage)
+        costs = rank_cost(ranks, in_features, out_features, rule)
+        dense = is_dense_rank(ranks, in_features, out_features, rule)
+        sizes = layer_bytes(ranks, in_features, out_features, storage, rule)
         for r in range(ranks.numel()):
-            assert int(costs[r]) == rank_cost(r, in_features, out_features)
-            assert bool(dense[r]) == is_dense_rank(r, in_features, out_features)
-            assert int(sizes[r]) == layer_bytes(r, in_features, out_features, storage)
+            assert int(costs[r]) == rank_cost(r, in_features, out_features, rule)
+            assert bool(dense[r]) == is_dense_rank(r, in_features, out_features, rule)
+            assert int(sizes[r]) == layer_bytes(r, in_features, out_features, storage, rule)
         full = min(in_features, out_features)
-        assert rank_cost(full, in_features, out_features) == in_features * out_features  # full rank is dense
-        assert layer_bytes(0, in_features, out_features, storage) == 0
+        assert rank_cost(full, in_features, out_features, rule) == in_features * out_features  # full rank is dense
+        assert layer_bytes(0, in_features, out_features, storage, rule) == 0
+        assert (costs[1:] >= costs[:-1]).all()  # a rank more never costs fewer weights
+        first = int(dense.int().argmax())
+        assert dense[first:].all() and not dense[:first].any()  # dense from one rank on
+    ins, outs = torch.tensor([i for i, _ in shapes]), torch.tensor([o for _, o in shapes])
+    expected = [int(is_dense_rank(torch.arange(min(i, o) + 1), i, o, rule).int().argmax()) for i, o in shapes]
+    assert first_dense_rank(ins, outs, rule).tolist() == expected
 
 
-def test_rank_cost_is_factors_or_dense_when_not_larger():
-    assert rank_cost(3, 12, 20) == 3 * 32 and not is_dense_rank(3, 12, 20)
-    assert rank_cost(8, 12, 20) == 12 * 20 and is_dense_rank(8, 12, 20)  # 8 * 32 = 256 >= 240
-    assert is_dense_rank(5, 10, 10)  # 5 * 20 = 100: equal cost, stored dense
+def test_rank_cost_aligned_saves_at_every_rank_below_full():
+    # r·(in + out − r): the aligned pair holds the identity on r output rows
+    assert rank_cost(3, 12, 20) == 3 * 29 and not is_dense_rank(3, 12, 20)
+    assert rank_cost(10, 12, 20) == 10 * 22 and not is_dense_rank(10, 12, 20)  # saves (12-10)·(20-10) = 20 = out
+    assert rank_cost(11, 12, 20) == 240 and is_dense_rank(11, 12, 20)  # would save 9 < 20, the row order's size
+    bytes_at_3 = layer_bytes(3, 12, 20, torch.float32)
+    assert bytes_at_3 == 4 * (3 * 12 + 17 * 3) + 8 * 20  # V' (3, 12), U'' (17, 3), the int64 row order
+
+
+def test_rank_cost_factors_is_factors_or_dense_when_not_larger():
+    assert rank_cost(3, 12, 20, "factors") == 3 * 32 and not is_dense_rank(3, 12, 20, "factors")
+    assert rank_cost(8, 12, 20, "factors") == 12 * 20 and is_dense_rank(8, 12, 20, "factors")  # 8 * 32 >= 240
+    assert is_dense_rank(5, 10, 10, "factors")  # 5 * 20 = 100: equal cost, stored dense
+    assert layer_bytes(3, 12, 20, torch.float32, "factors") == 4 * 3 * 32
 
 
 def test_tensor_bytes():
@@ -107,40 +127,39 @@ def reference_order(scores):
     return [(layer, i) for _, _, layer, i in sorted(items)]
 
 
-def reference_keep(scores, shapes, prefix):
+def reference_keep(scores, shapes, prefix, rule):
     """Keep masks of the first ``prefix`` items, every layer that reached its dense cost kept whole."""
     keep = [torch.zeros(s.numel(), dtype=torch.bool) for s in scores]
     for layer, i in prefix:
         keep[layer][i] = True
     for k, (i, o) in zip(keep, shapes):
-        if is_dense_rank(int(k.sum()), i, o):
+        if is_dense_rank(int(k.sum()), i, o, rule):
             k[:] = True
     return keep
 
 
-def reference_plan(scores, shapes, budget):
+def reference_plan(scores, shapes, budget, rule):
     """The shortest prefix of the global order whose cost reaches the budget."""
     order = reference_order(scores)
     budget = min(max(budget, 0), sum(i * o for i, o in shapes))
     counts = [0] * len(scores)
-    cost = lambda: sum(rank_cost(c, i, o) for c, (i, o) in zip(counts, shapes))  # noqa: E731
+    cost = lambda: sum(rank_cost(c, i, o, rule) for c, (i, o) in zip(counts, shapes))  # noqa: E731
     taken = 0
     while cost() < budget:
         counts[order[taken][0]] += 1
         taken += 1
-    return reference_keep(scores, shapes, order[:taken]), cost()
+    return reference_keep(scores, shapes, order[:taken], rule), cost()
 
 
-def reference_memory_plan(scores, shapes, budget, storage):
-    """The longest prefix of the global order whose layers' bytes fit the budget."""
+def reference_memory_plan(scores, shapes, budget, storage, rule):
+    """The longest prefix of the global order whose layers' bytes fit the budget (shorter ones need not)."""
     order = reference_order(scores)
-    counts, taken = [0] * len(scores), 0
-    while taken < len(order):
-        counts[order[taken][0]] += 1
-        if sum(layer_bytes(c, i, o, storage) for c, (i, o) in zip(counts, shapes)) > budget:
-            break
-        taken += 1
-    return reference_keep(scores, shapes, order[:taken])
+    counts, longest = [0] * len(scores), 0
+    for taken in range(1, len(order) + 1):
+        counts[order[taken - 1][0]] += 1
+        if sum(layer_bytes(c, i, o, storage, rule) for c, (i, o) in zip(counts, shapes)) <= budget:
+            longest = taken
+    return reference_keep(scores, shapes, order[:longest], rule)
 
 
 def _score_maps():
@@ -152,26 +171,33 @@ def _score_maps():
     yield "signed zeros and inf", [torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1.0, -1.0] * 6)[:n] for n in k]
 
 
+@pytest.mark.parametrize("rule", RANK_COSTS)
 @pytest.mark.parametrize("name,scores", list(_score_maps()), ids=[n for n, _ in _score_maps()])
-def test_plan_matches_reference(name, scores):
+def test_plan_matches_reference(name, scores, rule):
     total = sum(i * o for i, o in SHAPES)
     for budget in [0, 1, 100, total // 3, total // 2, total - 1, total, total + 5]:
-        keep, cost = plan_pruning(scores, SHAPES, budget)
-        expected_keep, expected_cost = reference_plan(scores, SHAPES, budget)
+        keep, cost = plan_pruning(scores, SHAPES, budget, rule=rule)
+        expected_keep, expected_cost = reference_plan(scores, SHAPES, budget, rule)
         assert cost == expected_cost
         for got, want in zip(keep, expected_keep):
             assert torch.equal(got, want), (name, budget)
 
 
+@pytest.mark.parametrize("rule", RANK_COSTS)
 @pytest.mark.parametrize("storage", [torch.float32, "nf4"])
 @pytest.mark.parametrize("name,scores", list(_score_maps()), ids=[n for n, _ in _score_maps()])
-def test_memory_plan_matches_reference(name, scores, storage):
-    full = sum(layer_bytes(min(i, o), i, o, storage) for i, o in SHAPES)
-    for budget in [0, 1, 333, full // 3, full // 2, full - 1, full, full + 5]:
-        keep, size = plan_memory(scores, SHAPES, budget, storage)
+def test_memory_plan_matches_reference(name, scores, storage, rule):
+    full = sum(layer_bytes(min(i, o), i, o, storage, rule) for i, o in SHAPES)
+    previous = None
+    for budget in sorted([0, 1, 333, full // 3, full // 2, full - 1, full, full + 5]):
+        keep, size = plan_memory(scores, SHAPES, budget, storage, rule=rule)
         assert size <= budget
-        for got, want in zip(keep, reference_memory_plan(scores, SHAPES, budget, storage)):
+        for got, want in zip(keep, reference_memory_plan(scores, SHAPES, budget, storage, rule)):
             assert torch.equal(got, want), (name, budget)
+        if previous is not None:  # a larger budget keeps a superset
+            assert all(not bool((p & ~k).any()) for p, k in zip(previous, keep))
+        previous = keep
+    assert all(k.all() for k in plan_memory(scores, SHAPES, full, storage, rule=rule)[0])  # the full model fits
 
 
 def test_plan_is_nested_and_tight():
@@ -245,7 +271,7 @@ def test_a_changed_score_map_is_ranked_again(change):
     with torch.no_grad():
         change(scores)
     keep, cost = plan_pruning(scores, SHAPES, budget)
-    expected_keep, expected_cost = reference_plan(scores, SHAPES, budget)
+    expected_keep, expected_cost = reference_plan(scores, SHAPES, budget, "aligned")
     assert cost == expected_cost and all(torch.equal(a, b) for a, b in zip(keep, expected_keep))
 
 
