@@ -40,6 +40,10 @@ class ACIPConfig(PretrainedConfig):
         rank_cost: what a layer of rank r costs, and so what a size ratio means and how ``compress()`` stores it:
             ``"aligned"`` r·(in + out − r), stored gauge-aligned (new models), or ``"factors"`` r·(in + out), stored
             as two plain factors (the original implementation's rule, kept by models converted from it).
+        correction_rank: rank of each prunable layer's factor corrections (``FactorCorrection``; 0: none). A pruned
+            layer applies them with strength ``min(1, f / correction_ramp)``, f the share of its ranks pruned, so a
+            layer kept whole is the base model's layer.
+        correction_ramp: the pruned share at which a layer's corrections reach full strength (with correction_rank).
     """
 
     model_type = "acip"
@@ -57,6 +61,8 @@ class ACIPConfig(PretrainedConfig):
         basis: str = "weight",
         fused_groups: list[list[str]] | None = None,
         rank_cost: str = "aligned",
+        correction_rank: int = 0,
+        correction_ramp: float = 0.0,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -75,6 +81,13 @@ class ACIPConfig(PretrainedConfig):
         if rank_cost not in RANK_COSTS:
             raise ValueError(f"rank_cost must be one of {RANK_COSTS}, got {rank_cost!r}")
         self.rank_cost = rank_cost
+        self.correction_rank = int(correction_rank)
+        self.correction_ramp = float(correction_ramp)
+        if self.correction_rank < 0 or (self.correction_rank and not self.correction_ramp > 0):
+            raise ValueError(
+                f"correction_rank must be >= 0 and correction_ramp > 0 with it, got {correction_rank!r}, "
+                f"{correction_ramp!r}"
+            )
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
         self.fused_groups = [list(group) for group in fused_groups or []]

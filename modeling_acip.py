@@ -101,16 +101,21 @@ def find_target_modules(
     return names
 
 
-def _parametrized_layers(base_model: nn.Module) -> tuple[list[str], float]:
-    """The names of the SVDLinear layers of a base model built by the package, in module order, and their common
-    mask constant; a clear error for an ACIP model, compressed layers, none at all, or mixed constants."""
+def _parametrized_layers(base_model: nn.Module) -> tuple[list[str], float, tuple[int, float]]:
+    """The names of the SVDLinear layers of a base model built by the package, in module order, their common mask
+    constant and their common correction (rank, ramp; (0, 0.0) without); a clear error for an ACIP model, compressed
+    layers, none at all, or mixed constants or corrections."""
     if getattr(getattr(base_model, "config", None), "model_type", None) == ACIPConfig.model_type:
         raise TypeError("base_model is already an ACIP model; pass the causal LM whose layers were parametrized")
-    layers = {n: m for n, m in base_model.named_modules() if isinstance(m, LowRankLinear)}
+    layers = {n: m for n, m in base_model.named_modules() if isinstance(m, (LowRankLinear, AlignedLowRankLinear))}
     constants = {m.mask_constant for m in layers.values() if isinstance(m, SVDLinear)}
     if not layers or len(constants) != 1 or not all(isinstance(m, SVDLinear) for m in layers.values()):
         raise ValueError("base_model must hold SVDLinear layers (no compressed ones), all of one mask_constant")
-    return list(layers), constants.pop()
+    corrections = {(0, 0.0) if m.correction is None else (m.correction.sv_a.shape[0], m.correction.ramp)
+                   for m in layers.values()}  # fmt: skip
+    if len(corrections) != 1:
+        raise ValueError("base_model's SVDLinear layers must all have corrections of one rank and ramp, or none")
+    return list(layers), constants.pop(), corrections.pop()
 
 
 def _checkpoint_files(folder: str) -> list[str]:
@@ -181,7 +186,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         shape = dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
         like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         if not self.config.compressed:
-            return SVDLinear(**shape, mask_constant=self.config.mask_constant, **like)
+            config = self.config
+            return SVDLinear(**shape, mask_constant=config.mask_constant, correction_rank=config.correction_rank,
+                             correction_ramp=config.correction_ramp, **like)  # fmt: skip
         if name in self.config.dense_modules:
             return nn.Linear(**shape, **like)
         factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" else LowRankLinear
@@ -215,10 +222,11 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         """Wrap a base causal LM whose target layers are already SVDLinear (built with ``SVDLinear.from_svd``):
         the targets are those layers in module order, the mask constant theirs, ``basis`` as they were built,
         sizes counted by ``rank_cost``."""
-        names, mask_constant = _parametrized_layers(base_model)
+        names, mask_constant, (correction_rank, correction_ramp) = _parametrized_layers(base_model)
         config = ACIPConfig(text_config=base_model.config, target_modules=names, mask_constant=mask_constant,
                             base_model_name_or_path=getattr(base_model, "name_or_path", None) or None, basis=basis,
-                            rank_cost=rank_cost)  # fmt: skip
+                            rank_cost=rank_cost, correction_rank=correction_rank,
+                            correction_ramp=correction_ramp)  # fmt: skip
         # The targets are plain float layers now, so a quantization record of the base model (e.g. the GGUF file it
         # was de-quantized from) no longer describes the weights; kept, it would mark reloads as quantized.
         if getattr(base_model.config, "quantization_config", None) is not None:

@@ -74,12 +74,9 @@ class LowRankLinear(nn.Module):
         bias = self.out_features if self.bias is not None else 0
         return self.rank * (self.in_features + self.out_features) + bias
 
-    def _dense_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) product of the factors in float32, with an optional per-rank scale between them."""
-        u = _plain_linear(self.u, "output").weight.float()  # (out, k)
-        if mask is not None:
-            u = u * mask
-        return u @ _plain_linear(self.sv, "input").weight.float()  # (out, in)
+    def _dense_weight(self) -> torch.Tensor:
+        """The (out, in) product of the factors in float32."""
+        return _plain_linear(self.u, "output").weight.float() @ _plain_linear(self.sv, "input").weight.float()
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
@@ -211,13 +208,52 @@ def dominant_rows(u: torch.Tensor, tolerance: float = 0.05, max_swaps: int | Non
     return torch.cat([chosen, torch.nonzero(~taken).squeeze(1)])
 
 
+class FactorCorrection(nn.Module):
+    """Low-rank corrections of an SVD layer's two factors, ``sv + s·sv_b·sv_a`` and ``u + s·u_b·u_a``, applied with a
+    strength ``s`` that grows with the share f of the layer's ranks that are pruned: ``s = min(1, f / ramp)``. A layer
+    kept whole (f = 0) computes exactly its factors, so the full-size model is the base model; a pruned layer gets the
+    correction tuned for pruned sizes (by the ACIP run's LoRA post-tuning).
+
+    Plain parameters, not nn.Linear layers: peft's "all-linear" and quantize() leave them alone.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, correction_rank: int, ramp: float,
+                 device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        if not ramp > 0:
+            raise ValueError(f"correction_ramp must be > 0, got {ramp!r}")
+        self.ramp = float(ramp)
+        self.sv_a = nn.Parameter(torch.empty(correction_rank, in_features, device=device, dtype=dtype))  # (c, in)
+        self.sv_b = nn.Parameter(torch.empty(rank, correction_rank, device=device, dtype=dtype))  # (k, c)
+        self.u_a = nn.Parameter(torch.empty(correction_rank, rank, device=device, dtype=dtype))  # (c, k)
+        self.u_b = nn.Parameter(torch.empty(out_features, correction_rank, device=device, dtype=dtype))  # (out, c)
+
+    def strength(self, pruned: float) -> float:
+        """``s`` for a layer with the share ``pruned`` of its ranks pruned."""
+        return min(1.0, pruned / self.ramp)
+
+    def sv_delta(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """The correction of the input side's output, ``x -> sv_b·sv_a·x`` (..., in) -> (..., k or r)."""
+        b = self.sv_b if kept is None else self.sv_b[kept]
+        return F.linear(F.linear(x, self.sv_a.to(x.dtype)), b.to(x.dtype))
+
+    def u_delta(self, h: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """The correction of the output side's output, ``h -> u_b·u_a·h`` (..., k or r) -> (..., out)."""
+        a = self.u_a if kept is None else self.u_a[:, kept]
+        return F.linear(F.linear(h, a.to(h.dtype)), self.u_b.to(h.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.sv_a.shape[0]}, ramp={self.ramp}"
+
+
 class SVDLinear(LowRankLinear):
     """The prunable ACIP layer: ``x -> U · (mask ⊙ S Vᵀ x)`` with a trainable mask and a score per singular value.
 
     The mask is float32 and acts through a straight-through estimator: the forward pass uses ``c`` where the mask is
     positive and 0 elsewhere, the backward pass treats it as ``relu(mask)``. ``u`` holds ``U / c`` so that the layer
     reproduces the original weight exactly while every mask entry sits at its initial value ``c``. The float32
-    ``score`` buffer ranks the singular values for pruning (higher = more important).
+    ``score`` buffer ranks the singular values for pruning (higher = more important). With ``correction_rank`` > 0 the
+    layer holds a :class:`FactorCorrection` that it applies once it is pruned.
     """
 
     def __init__(
@@ -228,12 +264,18 @@ class SVDLinear(LowRankLinear):
         mask_constant: float = 2e-2,
         device=None,
         dtype=None,
+        correction_rank: int = 0,
+        correction_ramp: float = 0.0,
     ):
         rank = min(in_features, out_features)
         super().__init__(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
         self.mask_constant = mask_constant
         self.mask = nn.Parameter(torch.full((rank,), mask_constant, dtype=torch.float32, device=device))
         self.register_buffer("score", torch.full((rank,), mask_constant, dtype=torch.float32, device=device))
+        self.correction = None
+        if correction_rank:
+            self.correction = FactorCorrection(in_features, out_features, rank, correction_rank, correction_ramp,
+                                               device=device, dtype=dtype)  # fmt: skip
 
     @classmethod
     @torch.no_grad()
@@ -287,14 +329,31 @@ class SVDLinear(LowRankLinear):
         return hard + (alive - alive.detach())  # exactly ``hard`` forward; relu's gradient backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``u(mask_value ⊙ sv(x))``; pruned singular values contribute nothing."""
+        """``u(mask_value ⊙ sv(x))``, with the correction at its strength; pruned singular values contribute
+        nothing."""
+        strength = self.correction_strength()
         kept = self._pruned_index() if self._can_skip_pruned() else None
         if kept is not None:
             # Without gradients a pruned rank is pure waste: compute the kept ones only, as compress() would.
-            h = F.linear(x, self.sv.weight[kept]) * self.mask_constant  # (..., r)
-            return F.linear(h, self.u.weight[:, kept], self.u.bias)
+            h = F.linear(x, self.sv.weight[kept])  # (..., r)
+            if strength:
+                h = h + strength * self.correction.sv_delta(x, kept)
+            h = h * self.mask_constant
+            y = F.linear(h, self.u.weight[:, kept], self.u.bias)
+            return y + strength * self.correction.u_delta(h, kept) if strength else y
         h = self.sv(x)  # (..., k)
-        return self.u(h * self.mask_value().to(h.dtype))
+        if strength:
+            h = h + strength * self.correction.sv_delta(x)
+        h = h * self.mask_value().to(h.dtype)
+        y = self.u(h)
+        return y + strength * self.correction.u_delta(h) if strength else y
+
+    def correction_strength(self) -> float:
+        """The strength the correction applies with at the current mask: 0 without one or while nothing is pruned."""
+        if self.correction is None or self.mask.is_meta:
+            return 0.0
+        self._pruned_index()
+        return self.correction.strength(1 - self._kept_cache[2] / self.rank)
 
     def _can_skip_pruned(self) -> bool:
         # Only plain factors: adapters (peft) or quantized layers around them must see the full rank.
@@ -305,7 +364,8 @@ class SVDLinear(LowRankLinear):
         version = (self.mask._version, self.mask.data_ptr())
         if getattr(self, "_kept_cache", (None,))[0] != version:
             keep = self.mask.detach() > 0
-            self._kept_cache = (version, None if bool(keep.all()) else torch.nonzero(keep).squeeze(1))
+            index = None if bool(keep.all()) else torch.nonzero(keep).squeeze(1)
+            self._kept_cache = (version, index, keep.numel() if index is None else index.numel())
         return self._kept_cache[1]
 
     @property
@@ -332,20 +392,32 @@ class SVDLinear(LowRankLinear):
         """
         keep = self.kept
         rank = int(keep.sum())
-        sv, u = _plain_linear(self.sv, "input"), _plain_linear(self.u, "output")
+        dtype = _plain_linear(self.sv, "input").weight.dtype
+        u, sv = self.effective_factors(keep)
         if is_dense_rank(rank, self.in_features, self.out_features, rule):
-            return _dense_linear(self._dense_weight(self.mask_value()), self.bias, sv.weight.dtype)
+            return _dense_linear(u @ sv, self.bias, dtype)
         if rule == "aligned":
-            u_kept = u.weight[:, keep].float() * self.mask_constant  # (out, r)
-            return AlignedLowRankLinear.from_factors(u_kept, sv.weight[keep].float(), self.bias, sv.weight.dtype)
-        layer = LowRankLinear(
-            self.in_features, self.out_features, rank, self.bias is not None, sv.weight.device, sv.weight.dtype
-        )
-        layer.sv.weight.copy_(sv.weight[keep])
-        layer.u.weight.copy_(u.weight[:, keep] * self.mask_constant)
+            return AlignedLowRankLinear.from_factors(u, sv, self.bias, dtype)
+        layer = LowRankLinear(self.in_features, self.out_features, rank, self.bias is not None, sv.device, dtype)
+        layer.sv.weight.copy_(sv)
+        layer.u.weight.copy_(u)
         if self.bias is not None:
             layer.u.bias.copy_(self.bias)
         return layer
+
+    @torch.no_grad()
+    def effective_factors(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors this layer applies to its kept ranks ``keep`` (k,) at the current mask, in float32: the output
+        factor (out, r) with the mask constant folded in, and the input factor (r, in), each with its correction at
+        the current strength."""
+        sv = _plain_linear(self.sv, "input").weight[keep].float()  # (r, in)
+        u = _plain_linear(self.u, "output").weight[:, keep].float()  # (out, r)
+        strength = self.correction_strength()
+        if strength:
+            c = self.correction
+            sv = sv + strength * c.sv_b[keep].float() @ c.sv_a.float()
+            u = u + strength * c.u_b.float() @ c.u_a[:, keep].float()
+        return u * self.mask_constant, sv
 
     def _apply(self, fn, recurse=True):
         # Masks and scores stay float32 whatever dtype the factors are cast to: in bf16 the scores of a trained run

@@ -239,7 +239,7 @@ class TrainingLoop:
         task.before_step(self.step)
         lr = task.lr(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a task may give a group its own rate
         totals, tokens = {}, 0
         for _ in range(config.grad_accum):
             ids = processes.shard(next(data)).to(self.runtime.device)  # (B, T): this process's rows

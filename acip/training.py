@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .base_model import DEVICE_MAPS, check_device_map, load_base_model
 from .build import parametrize
-from .compaction import PrefixSlicer, RankCompactor, best_first, rank_slots
+from .compaction import PrefixSlicer, RankCompactor, _base, best_first, rank_slots
 from .data import TrainBatches
 from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel, pruning_plan
+from .hub.parametrization import FactorCorrection
 from .hub.pruning import RANK_COSTS, check_rank_cost, rank_cost
 from .inputs import check_data_source, check_model_source
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
@@ -58,6 +60,8 @@ class ACIPRunConfig(TrainingConfig):
     post_tune_sizes: str = field(default="stop", metadata={"help": "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any (each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])"})
     post_tune_lr_schedule: str = field(default="constant", metadata={"help": "learning rate of the post-tune steps: constant (lr, the paper's) or cosine (from lr down to 0 over the post-tune steps)", "choices": POST_TUNE_LR_SCHEDULES})
     post_tune_stop_share: float = field(default=0.0, metadata={"help": "with post_tune_sizes any or LOW:HIGH: the share of post-tune steps taken at the stop ratio, the rest at drawn sizes (the smallest size gains most from tuning)"})
+    correction_ramp: float = field(default=0.0, metadata={"help": "0: LoRA is merged into the factors and serves every size at full strength (the paper's); > 0: a layer applies its LoRA with strength min(1, f / correction_ramp), f the share of its ranks pruned, so a layer kept whole is the base model's layer"})
+    post_tune_factors_lr: float = field(default=0.0, metadata={"help": "> 0: post-tuning also trains the factors of the ranks each step's size keeps, at this learning rate (nested consolidation); 0: LoRA only"})
     max_steps: int = field(default=20000, metadata={"help": "give up pruning after this many steps (the run still saves)"})
     mask_constant: float = field(default=2e-2, metadata={"help": "initial (and live) mask value c"})
     target_modules: str | list[str] = field(default="all-linear", metadata={"help": "linear layers to parametrize (peft convention)"})
@@ -95,6 +99,10 @@ class ACIPRunConfig(TrainingConfig):
         if self.post_tune_lr_schedule not in POST_TUNE_LR_SCHEDULES:
             raise ValueError(f"post_tune_lr_schedule must be one of {POST_TUNE_LR_SCHEDULES}, got "
                              f"{self.post_tune_lr_schedule!r}")  # fmt: skip
+        if not self.correction_ramp >= 0:
+            raise ValueError(f"correction_ramp must be >= 0, got {self.correction_ramp!r}")
+        if not self.post_tune_factors_lr >= 0:
+            raise ValueError(f"post_tune_factors_lr must be >= 0, got {self.post_tune_factors_lr!r}")
         if not 0 <= self.post_tune_stop_share <= 1:
             raise ValueError(f"post_tune_stop_share must be in [0, 1], got {self.post_tune_stop_share!r}")
         self.post_tune_range()
@@ -191,6 +199,7 @@ class ACIPTask(Task):
         self.model = self._with_lora()
         self.masks = [layer.mask.requires_grad_(True) for layer in self.layers.values()]
         self.lora = {name: p for name, p in self.model.named_parameters() if "lora_" in name}
+        self.lora_scale = config.lora_alpha / config.lora_r
         self.processes, self.pruning = processes, True
         self.summary = {"pruning_steps": 0, "post_tune_steps": 0}
 
@@ -223,8 +232,27 @@ class ACIPTask(Task):
         return get_peft_model(self.acip_model, lora)
 
     def param_groups(self) -> list[dict]:
-        """Masks and LoRA weights, in two groups."""
-        return [{"params": self.masks}, {"params": list(self.lora.values())}]
+        """Masks and LoRA weights, in two groups; with post_tune_factors_lr the factors in a third (they get gradients
+        in post-tuning only)."""
+        groups = [{"params": self.masks}, {"params": list(self.lora.values())}]
+        if self.config.post_tune_factors_lr > 0:
+            groups.append({"params": self._factors(), "lr_scale": self.config.post_tune_factors_lr / self.config.lr})
+        return groups
+
+    def _factors(self) -> list[torch.Tensor]:
+        """The two factor weights of every SVD layer (inside their LoRA wrappers)."""
+        return [_base(part).weight for layer in self.layers.values() for part in (layer.sv, layer.u)]
+
+    def _set_strength(self, kept: dict[str, int]) -> None:
+        """LoRA strength of each layer for this step from the share of its ranks pruned (correction_ramp)."""
+        ramp = self.config.correction_ramp
+        if ramp <= 0:
+            return
+        for name, layer in self.layers.items():
+            pruned = 1 - kept[name] / self.compactor.full_rank[name]
+            strength = min(1.0, pruned / ramp)
+            for part in (layer.sv, layer.u):
+                part.scaling["default"] = self.lora_scale * strength
 
     def prepare(self, optimizer: torch.optim.Optimizer) -> None:
         """Dead ranks are sliced out of the layers and of the optimizer state as they die; post-tune steps at drawn
@@ -241,7 +269,11 @@ class ACIPTask(Task):
             rng = np.random.default_rng([c.seed, step])
             ratio = c.stop_ratio if rng.uniform() < c.post_tune_stop_share else rng.uniform(*sizes)
             plan = pruning_plan(self.acip_model, compression_ratio=float(ratio))  # by the scores, not by position
-            self.slicer.narrow({name: int(keep.sum()) for name, keep in zip(self.layers, plan)})
+            kept = {name: int(keep.sum()) for name, keep in zip(self.layers, plan)}
+            self.slicer.narrow(kept)
+        else:
+            kept = {name: int(layer.kept.sum()) for name, layer in self.layers.items()}
+        self._set_strength(kept)
 
     def lr(self, step: int) -> float:
         """``lr`` while pruning; in post-tuning constant or decaying to 0 by a cosine (post_tune_lr_schedule)."""
@@ -294,6 +326,9 @@ class ACIPTask(Task):
         self.pruning = False
         for mask in self.masks:
             mask.requires_grad_(False)
+        if self.config.post_tune_factors_lr > 0:
+            for factor in self._factors():
+                factor.requires_grad_(True)
         if self.config.post_tune_range() is None:
             self.compactor.compact_dead(force=True)
         else:  # every size is post-tuned: every rank must be computable again, best first
@@ -357,12 +392,23 @@ class ACIPTask(Task):
         self.pruning, self.objective.growths = meta["pruning"], meta["lambda_growths"]
         for mask in self.masks:
             mask.requires_grad_(self.pruning)
+        for factor in self._factors() if self.config.post_tune_factors_lr > 0 else []:
+            factor.requires_grad_(not self.pruning)
 
     @torch.no_grad()
     def save(self, folder: Path | None) -> ACIPModel:
-        """Restore full rank, merge LoRA into the factors, and save the model unpruned (users choose the size)."""
+        """Restore full rank and save the model unpruned (users choose the size): LoRA merged into the factors, or
+        with correction_ramp kept apart as each layer's FactorCorrection (applied once the layer is pruned)."""
         self.compactor.restore()
-        model = self.model.merge_and_unload()
+        ramp = self.config.correction_ramp
+        if ramp > 0:
+            corrections = {name: self._correction(layer, ramp) for name, layer in self.layers.items()}
+            model = self.model.unload()
+            for name, layer in model.acip_layers().items():
+                layer.correction = corrections[name]
+            model.config.correction_rank, model.config.correction_ramp = self.config.lora_r, ramp
+        else:
+            model = self.model.merge_and_unload()
         for layer in model.acip_layers().values():
             layer.set_kept(torch.ones_like(layer.kept))
         model.requires_grad_(False)
@@ -370,6 +416,20 @@ class ACIPTask(Task):
             model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
         return model
+
+
+    def _correction(self, layer, ramp: float) -> FactorCorrection:
+        """A layer's LoRA adapters (on ``sv`` and on ``u``) as its FactorCorrection, the LoRA scale folded in."""
+        sv_a, sv_b = layer.sv.lora_A["default"].weight, layer.sv.lora_B["default"].weight  # (r, in), (k, r)
+        u_a, u_b = layer.u.lora_A["default"].weight, layer.u.lora_B["default"].weight  # (r, k), (out, r)
+        correction = FactorCorrection(layer.in_features, layer.out_features, layer.rank, sv_a.shape[0], ramp,
+                                      device="meta")  # fmt: skip
+        dtype = layer.sv.weight.dtype
+        correction.sv_a = nn.Parameter(sv_a.detach().to(dtype).clone(), requires_grad=False)
+        correction.sv_b = nn.Parameter((self.lora_scale * sv_b.detach()).to(dtype), requires_grad=False)
+        correction.u_a = nn.Parameter(u_a.detach().to(dtype).clone(), requires_grad=False)
+        correction.u_b = nn.Parameter((self.lora_scale * u_b.detach()).to(dtype), requires_grad=False)
+        return correction
 
 
 def frozen_teacher(base_model, runtime):

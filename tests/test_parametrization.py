@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from acip.hub.parametrization import AlignedLowRankLinear, LowRankLinear, SVDLinear, dominant_rows
+from acip.hub.parametrization import AlignedLowRankLinear, FactorCorrection, LowRankLinear, SVDLinear, dominant_rows
 
 
 def _dense(in_features=24, out_features=40, bias=True, seed=0):
@@ -198,3 +198,39 @@ def test_masks_and_scores_stay_float32_when_cast():
     torch.testing.assert_close(layer.score, before, rtol=0, atol=0)
     layer.half()
     assert layer.mask.dtype == torch.float32
+
+
+def _corrected(shape=(24, 40), ramp=0.25, seed=0):
+    """An SVD layer with a random factor correction of rank 3."""
+    layer = SVDLinear.from_linear(_dense(*shape, seed=seed))
+    k = layer.rank
+    correction = FactorCorrection(shape[0], shape[1], k, 3, ramp)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in correction.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    layer.correction = correction
+    return layer
+
+
+def test_a_correction_applies_only_to_a_pruned_layer_by_its_pruned_share():
+    layer, dense = _corrected(), _dense()
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)  # kept whole: the dense layer exactly
+    assert layer.correction_strength() == 0.0
+    for pruned, strength in ((3, 0.5), (6, 1.0), (12, 1.0)):  # share 1/8, 1/4, 1/2 of 24 ranks; ramp 0.25
+        keep = torch.ones(24, dtype=torch.bool)
+        keep[-pruned:] = False
+        layer.set_kept(keep)
+        assert layer.correction_strength() == pytest.approx(strength)
+        c = layer.correction
+        u = (layer.u.weight + strength * c.u_b @ c.u_a)[:, keep] * layer.mask_constant
+        sv = (layer.sv.weight + strength * c.sv_b @ c.sv_a)[keep]
+        expected = x @ (u @ sv).T + layer.bias
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # kept ranks only
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # the training path, all ranks
+        for rule in ("aligned", "factors"):
+            torch.testing.assert_close(layer.compressed(rule)(x), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="correction_ramp must be > 0"):
+        FactorCorrection(24, 40, 24, 3, 0.0)

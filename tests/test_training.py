@@ -1,5 +1,6 @@
 """The ACIP run on a tiny model: reaching the stop ratio, the score map, resume, and clear errors (acip/training.py)."""
 
+import copy
 import json
 import random
 
@@ -100,10 +101,11 @@ class DiesAtStep27(ACIPTask):
         return super().loss(ids, step)
 
 
-@pytest.mark.parametrize("sizes", ["stop", "any"])  # any: the checkpoint holds ranks reordered best first
-def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, sizes):
+@pytest.mark.parametrize("sizes, extra", [("stop", {}), ("any", {}),  # any: checkpoints hold ranks best first
+                                          ("any", {"correction_ramp": 0.25, "post_tune_factors_lr": 1e-3})])
+def test_resumed_run_ends_like_an_uninterrupted_one(corpus, tmp_path, sizes, extra):
     config = tiny_config(corpus, checkpoint_every=4, lora_dropout=0.1, grad_accum=2, post_tune_sizes=sizes,
-                         post_tune_steps=8)  # fmt: skip
+                         post_tune_steps=8, **extra)  # fmt: skip
     straight = run_tiny(config, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         run_task(DiesAtStep27, config, tmp_path / "resumed")
@@ -145,6 +147,38 @@ def test_any_size_post_tuning_with_distillation(corpus, tmp_path):
     assert model.get_size_ratio() == 1.0  # saved unpruned
     pruned = [r for r in log if r["phase"] == "prune"]
     assert pruned[-1]["size_ratio"] <= 0.5
+
+
+def test_corrections_leave_the_full_size_model_the_base_model(corpus, tmp_path):
+    config = tiny_config(corpus, post_tune_sizes="any", post_tune_steps=6, correction_ramp=0.25)
+    model = run_tiny(config, tmp_path / "run").eval()
+    base = tiny_base_model("llama")
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)  # at 1.0: the base model
+        assert model.config.correction_rank == 4 and model.config.correction_ramp == 0.25
+        model.prune_model_by_score(0.5)
+        corrected = model(ids).logits
+        strengths = [layer.correction_strength() for layer in model.acip_layers().values()]
+        assert max(strengths) == 1.0 and min(strengths) >= 0
+        plain = copy.deepcopy(model)
+        for layer in plain.acip_layers().values():
+            layer.correction = None
+        assert (plain(ids).logits - corrected).abs().max() > 1e-3  # the trained corrections act at 0.5
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval().prune_model_by_score(0.5)
+        torch.testing.assert_close(reloaded(ids).logits, corrected, atol=0, rtol=0)
+        small = reloaded.compress()
+        torch.testing.assert_close(small(ids).logits, corrected, atol=1e-4, rtol=0)
+
+
+def test_post_tuning_the_factors_changes_them(corpus, tmp_path):
+    common = dict(post_tune_sizes="any", post_tune_steps=4, correction_ramp=0.25)
+    lora_only = run_tiny(tiny_config(corpus, **common), tmp_path / "lora")
+    factors = run_tiny(tiny_config(corpus, post_tune_factors_lr=1e-3, **common), tmp_path / "factors")
+    name = "model.layers.0.mlp.up_proj"
+    a, b = lora_only.acip_layers()[name], factors.acip_layers()[name]
+    assert torch.equal(lora_only.score_map[name], factors.score_map[name])  # the same pruning
+    assert not torch.equal(a.sv.weight, b.sv.weight) and not torch.equal(a.u.weight, b.u.weight)
 
 
 def test_a_share_of_any_size_post_tuning_stays_at_the_stop_ratio(corpus, tmp_path):

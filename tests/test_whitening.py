@@ -17,7 +17,8 @@ def calibration(n: int = 8, length: int = 24) -> torch.Tensor:
 
 
 def dense_weight(layer: SVDLinear) -> torch.Tensor:
-    return layer._dense_weight(torch.full((layer.rank,), layer.mask_constant))
+    """The (out, in) weight an unpruned SVD layer applies (at full rank compress() stores it dense)."""
+    return layer.compressed().weight.detach()
 
 
 def test_white_inputs_give_the_plain_factors():
