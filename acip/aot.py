@@ -54,7 +54,7 @@ def check_package_target(path: Path, batch_size: int, max_cache_len: int, overwr
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
     if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it")
     if not Path(path).parent.is_dir():
         raise FileNotFoundError(f"the folder of path does not exist: {Path(path).parent}")
 

@@ -25,6 +25,7 @@ import torch
 from .files import write_atomically, write_json
 from .hub.modeling_acip import ACIPModel
 from .memory import model_bytes, own_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .sizes import check_ratios, load_at_size
 
 REPORT_STEM = "eval_efficiency"  # eval_efficiency.json / .csv, next to the model
 _MIB = 2**20
@@ -139,8 +140,6 @@ def efficiency_report(
 ) -> list[EfficiencyRow]:
     """Dense, then for each ratio the pruned-and-compressed model and (with ``quant_type``) it quantized to 4 bits:
     size, memory and speed, each measured in its own process."""
-    from .evaluation import check_ratios
-
     ratios = check_ratios(ratios)
     for name, value, lowest in (("prompt_tokens", prompt_tokens, 2), ("new_tokens", new_tokens, 2),
                                 ("repeats", repeats, 1)):  # fmt: skip
@@ -150,8 +149,7 @@ def efficiency_report(
     with tempfile.TemporaryDirectory(prefix="acip-efficiency-") as tmp:
         for ratio in [1.0, *ratios]:
             name = "dense" if ratio == 1.0 else f"ACIP {ratio:g}"
-            model = ACIPModel.from_pretrained(model_dir).eval()
-            model.prune_model_by_score(ratio).compress()
+            model = load_at_size(model_dir, ratio)
             saved = [(name, Path(tmp) / name)]
             model.save_pretrained(Path(tmp) / name)
             if quant_type is not None and ratio < 1.0:

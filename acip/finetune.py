@@ -7,7 +7,6 @@ training loop (acip.loop). Held-out perplexity is measured before and after and 
 checkpoints make a killed run resumable to the same result.
 """
 
-import json
 import math
 import os
 import shutil
@@ -18,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .data import load_blocks
-from .evaluation import check_size_ratio, perplexity
+from .evaluation import perplexity
 from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir
@@ -27,6 +26,7 @@ from .base_model import load_base_model
 from .fused_loss import language_model_loss
 from .objective import teacher_logits
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
+from .sizes import check_ratio_suits, check_size_ratio, load_at_size
 
 ADAPTER_DIR = "adapter"
 SAVE_MODES = ("merged", "adapter")
@@ -84,16 +84,8 @@ class FinetuneConfig(TrainingConfig):
 
 def load_compressed(model_dir: str | os.PathLike, config: FinetuneConfig, device, dtype) -> ACIPModel:
     """A saved ACIP model pruned to ``config.ratio``, compressed, and quantized if asked."""
-    model = ACIPModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if model.config.compressed:
-        if config.ratio is not None:
-            raise ValueError(
-                f"{model_dir} is already compressed (to ratio {model.get_size_ratio():.3f}); leave out ratio (--ratio)"
-            )
-    elif config.ratio is None:
-        raise ValueError(f"{model_dir} is a prunable ACIP model: give the size ratio to fine-tune at (--ratio, (0, 1])")
-    else:
-        model.prune_model_by_score(compression_ratio=config.ratio).compress()
+    check_ratio_suits("model_dir", model_dir, config.ratio)
+    model = load_at_size(model_dir, config.ratio, dtype, device)
     if config.quantize is not None:
         model.quantize(config.quantize)
     return model.requires_grad_(False)
@@ -217,7 +209,7 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
         """What the run reads, checked (nothing loaded)."""
         check_model_dir("model_dir", model_dir)
         check_not_busy(model_dir, "model_dir")
-        _check_ratio_fits(model_dir, config.ratio)
+        check_ratio_suits("model_dir", model_dir, config.ratio)
         check_data_source("data", config.data)
         if config.eval_blocks:
             check_data_source("eval_data", config.eval_data)
@@ -230,14 +222,3 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
     return train(build, config, output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite, inputs=inputs,
                  compare=compare)  # fmt: skip
 
-
-def _check_ratio_fits(model_dir, ratio: float | None) -> None:
-    """A ValueError naming ratio when it does not suit the saved model (read from its config.json, nothing loaded)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config.get("model_type") != "acip":
-        raise ValueError(f"model_dir {model_dir} is not an ACIP model (model_type {config.get('model_type')!r})")
-    if config.get("compressed") and ratio is not None:
-        raise ValueError(f"model_dir {model_dir} is already compressed; leave out ratio (--ratio)")
-    if not config.get("compressed") and ratio is None:
-        raise ValueError(f"model_dir {model_dir} is a prunable ACIP model: give the size ratio to fine-tune at "
-                         "(ratio=..., --ratio, in (0, 1])")  # fmt: skip

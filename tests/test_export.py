@@ -281,5 +281,6 @@ def test_cli_export_and_push(exported, fake_hub, tmp_path, capsys):
     assert fake_hub.calls[1][2] is True  # --private
     with torch.no_grad():
         assert ACIPModel.from_pretrained(out).config.compressed
-    with pytest.raises(SystemExit, match="--repo-id"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["export", str(acip_dir), str(tmp_path / "y"), "--license", "mit", "--push-to-hub"])
+    assert exit_info.value.code == 2 and "acip export: error: --push-to-hub needs --repo-id" in capsys.readouterr().err
