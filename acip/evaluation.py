@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .hub.modeling_acip import ACIPModel
 from .hub.pruning import rank_cost
 from .records import recorded_base_model
+from .inputs import check_positions
 from .report import PerplexityReport
 from .sizes import check_ratios
 
@@ -106,6 +107,7 @@ def evaluate_perplexity(
     ratios = check_ratios(ratios)
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
+    check_positions("model_dir", model_dir, {"block_size": block_size})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ACIPModel.from_pretrained(model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

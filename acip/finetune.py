@@ -20,7 +20,7 @@ from .data import load_blocks
 from .evaluation import perplexity
 from .folders import RunFolder, check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .inputs import check_data_source, check_model_dir
+from .inputs import check_data_source, check_model_dir, check_positions
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
 from .base_model import load_base_model
 from .fused_loss import language_model_loss
@@ -213,6 +213,9 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
         check_data_source("data", config.data)
         if config.eval_blocks:
             check_data_source("eval_data", config.eval_data)
+        lengths = {"block_size": config.block_size, **({"eval_block_size": config.eval_block_size}
+                                                       if config.eval_blocks else {})}  # fmt: skip
+        check_positions("model_dir", model_dir, lengths)
         return {"model_dir": model_dir, "data": config.data, "eval_data": config.eval_data}
 
     compare = None

@@ -1,7 +1,8 @@
 """Checking what a command reads before it writes anything: models, data sources, and which of them are local paths.
 
 Each check raises an error that names the argument (``base_model``, ``model_dir``, ``data``...) and says what is
-allowed; none of them loads a model or opens a data set.
+allowed; none of them loads a model or opens a data set (a file is read only as far as its first non-blank byte, a
+model folder only for its config).
 """
 
 import glob
@@ -61,11 +62,55 @@ def check_data_source(name: str, value) -> None:
         return
     if os.path.isdir(spec):
         raise IsADirectoryError(f"{name}: {spec!r} is a folder; pass a file, or a glob such as {spec}/*.txt")
-    if not (os.path.isfile(spec) or glob.glob(spec)):
+    files = [spec] if os.path.isfile(spec) else [p for p in sorted(glob.glob(spec)) if os.path.isfile(p)]
+    if not files:
         raise FileNotFoundError(
             f"{name}: no such file {spec!r} (a data source is a built-in corpus ({', '.join(CORPORA)}), an existing "
             "file or glob of files, or hf:NAME[:CONFIG[:SPLIT]])"
         )
+    if not any(_holds_text(path) for path in files):
+        what = "the file is" if files == [spec] else f"all {len(files)} files are"
+        raise ValueError(f"{name}: {spec!r} holds no text ({what} empty or blank): there are no tokens to read")
+
+
+def _holds_text(path: str) -> bool:
+    """Whether the file holds anything but whitespace (read up to its first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            if chunk.strip():
+                return True
+    return False
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence a model is made for (its config's ``max_position_embeddings``): ``model`` is a loaded
+    model, the embedded one's name, a local model folder or a Hub id whose config is in the local cache; None where
+    that is not known without fetching anything."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    from .default_model import DEFAULT_MODEL, MAX_POSITIONS
+
+    if isinstance(model, PreTrainedModel):
+        config = model.config
+    elif model == DEFAULT_MODEL:
+        return MAX_POSITIONS
+    else:
+        try:
+            config = AutoConfig.from_pretrained(os.fspath(model), local_files_only=True)
+        except (OSError, ValueError, KeyError):  # not cached, or a model type this transformers does not know
+            return None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_positions(name: str, model, lengths: dict[str, int]) -> None:
+    """A ValueError naming the first of ``lengths`` (argument name -> tokens per sequence) that is longer than the
+    model ``name`` (see :func:`max_positions`) is made for: beyond its positions a model's output means nothing."""
+    positions = max_positions(model)
+    for length_name, length in lengths.items():
+        if positions is not None and length > positions:
+            shown = os.fspath(model) if isinstance(model, (str, os.PathLike)) else f"({type(model).__name__})"
+            raise ValueError(f"{length_name} must be at most the max_position_embeddings of {name} {shown} "
+                             f"({positions}), got {length}")  # fmt: skip
 
 
 def local_inputs(inputs: dict[str, object]) -> dict[str, str]:

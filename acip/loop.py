@@ -390,10 +390,10 @@ def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume
         config, paths, work = settle()  # again: another process may have changed the folder meanwhile
         runtime = Runtime(processes, config.compute_dtype)
         task = build(config, runtime)
+        loop = TrainingLoop(task, work, runtime)  # packs the data: a text too short is refused before a folder is made
         if main:
             folder.prepare(work, resume)
         processes.wait()
-        loop = TrainingLoop(task, folder.work, runtime)
         loop.folder, loop.inputs = folder, {name: {"path": p, "fingerprint": fingerprint(p)} for name, p in paths.items()}
         if resume:
             loop.resume()

@@ -33,7 +33,7 @@ from .default_model import DEFAULT_MODEL
 from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel, pruning_plan
 from .hub.pruning import rank_cost
-from .inputs import check_data_source, check_model_source
+from .inputs import check_data_source, check_model_source, check_positions
 from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
 from .objective import ACIPObjective, teacher_logits
 from .records import RUN_FILE, RUN_LOG
@@ -399,6 +399,9 @@ def run_acip(config: ACIPRunConfig, output_dir, *, resume=False, overwrite=False
         check_data_source("data", config.data)
         if config.basis == "whitened" and config.calibration_data is not None:
             check_data_source("calibration_data", config.calibration_data)
+        lengths = {"block_size": config.block_size, **({"calibration_block_size": config.calibration_block_size}
+                                                       if config.basis == "whitened" else {})}  # fmt: skip
+        check_positions("base_model", config.base_model if base_model is None else base_model, lengths)
         named = {"data": config.data, "calibration_data": config.calibration_data}
         return {**named, "base_model": config.base_model} if base_model is None else named
 

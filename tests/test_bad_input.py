@@ -57,6 +57,8 @@ def env(tmp_path_factory):
     (root / "user" / "notes.txt").write_text("the user's notes")
     (root / "user" / "sub" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
     (root / "mine.pt2").write_bytes(b"the user's package")
+    (root / "empty.txt").write_text("")
+    (root / "blank.txt").write_text(" \n\n\t \n")
     run_config = ACIPRunConfig(**RUN, data=words, base_model=str(base_dir))
     tune_config = FinetuneConfig(**TUNE, data=words)
     tiny = {"base_model": tiny_base_model(), "tokenizer": tiny_tokenizer()}
@@ -127,6 +129,33 @@ def compress_no_batch(env):
 @case(FileNotFoundError, "data: no such file")
 def compress_missing_data_file(env):
     compress(env, env.root / "new", data=str(env.root / "missing.txt"))
+
+
+@case(ValueError, "data: .*empty.txt' holds no text")
+def compress_empty_data_file(env):
+    compress(env, env.root / "new", data=str(env.root / "empty.txt"))
+
+
+@case(ValueError, r"data: .*\*.txt' holds no text \(all 2 files are empty or blank\)")
+def compress_blank_data_files(env):
+    (env.root / "texts").mkdir()
+    for name in ("empty.txt", "blank.txt"):
+        shutil.copy(env.root / name, env.root / "texts" / name)
+    try:
+        compress(env, env.root / "new", data=str(env.root / "texts" / "*.txt"))
+    finally:
+        shutil.rmtree(env.root / "texts")
+
+
+@case(ValueError, r"block_size must be at most the max_position_embeddings of base_model \(LlamaForCausalLM\) "
+                  r"\(128\), got 4096")
+def compress_sequences_beyond_the_models_positions(env):
+    compress(env, env.root / "new", block_size=4096)
+
+
+@case(ValueError, "calibration_block_size must be at most the max_position_embeddings of base_model")
+def compress_calibration_beyond_the_models_positions(env):
+    compress(env, env.root / "new", basis="whitened", calibration_block_size=129)
 
 
 @case(FileNotFoundError, "calibration_data")
@@ -261,6 +290,21 @@ def finetune_compressed_with_ratio(env):
 @case(ValueError, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model")
 def finetune_a_plain_model(env):
     tune(env, env.base, env.root / "new")
+
+
+@case(ValueError, r"block_size must be at most the max_position_embeddings of model_dir .*acip \(128\), got 200")
+def finetune_sequences_beyond_the_models_positions(env):
+    tune(env, env.acip, env.root / "new", block_size=200)
+
+
+@case(ValueError, r"eval_block_size must be at most the max_position_embeddings of model_dir .*acip \(128\)")
+def finetune_held_out_windows_beyond_the_models_positions(env):
+    tune(env, env.acip, env.root / "new", eval_blocks=2)  # eval_block_size: 512 by default
+
+
+@case(ValueError, "data: .*blank.txt' holds no text")
+def finetune_blank_data_file(env):
+    tune(env, env.acip, env.root / "new", data=str(env.root / "blank.txt"))
 
 
 @case(ValueError, "save='merged' cannot be combined with quantize")
@@ -407,6 +451,18 @@ def cli_compress_missing_data_file(env):
     main(["compress", "--base-model", str(env.base), "--data", "nope.txt", "--output-dir", str(env.root / "new")])
 
 
+@cli_case(2, "data: .*empty.txt' holds no text")
+def cli_compress_empty_data_file(env):
+    main(["compress", "--base-model", str(env.base), "--data", str(env.root / "empty.txt"), "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
+@cli_case(2, r"block_size must be at most the max_position_embeddings of base_model .*base \(128\), got 4096")
+def cli_compress_sequences_beyond_the_models_positions(env):
+    main(["compress", "--base-model", str(env.base), "--data", env.words, "--block-size", "4096", "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
 @cli_case(2, r"stop_ratio must be in \(0, 1\), got 1.5")
 def cli_compress_stop_ratio_out_of_range(env):
     main(["compress", "--base-model", str(env.base), "--data", env.words, "--stop-ratio", "1.5", "--output-dir",
@@ -444,6 +500,12 @@ def cli_finetune_ratio_out_of_range(env):
 @cli_case(2, "prunable ACIP model: give the size ratio")
 def cli_finetune_prunable_without_ratio(env):
     main(["finetune", str(env.acip), "--output-dir", str(env.root / "new"), "--data", env.words])
+
+
+@cli_case(2, "data: .*blank.txt' holds no text")
+def cli_finetune_blank_data_file(env):
+    main(["finetune", str(env.acip), "--ratio", "0.5", "--data", str(env.root / "blank.txt"), "--output-dir",
+          str(env.root / "new")])  # fmt: skip
 
 
 @cli_case(2, r"inputs changed:\n  model_dir: the run started from .*tuned_from, given .*other\nresume with")
@@ -498,6 +560,11 @@ def cli_eval_missing_text(env):
 @cli_case(2, "block_size must be at least 2")
 def cli_eval_one_token_windows(env):
     main(["eval", str(env.acip), "--data", env.words, "--block-size", "1"])
+
+
+@cli_case(2, r"block_size must be at most the max_position_embeddings of model_dir .*acip \(128\), got 512")
+def cli_eval_windows_beyond_the_models_positions(env):
+    main(["eval", str(env.acip), "--data", env.words])  # --block-size: 512 by default
 
 
 @cli_case(2, "output_dir must be a folder")
