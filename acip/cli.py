@@ -26,10 +26,11 @@ from . import hub
 from .distributed import Processes
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
 from .finetune import FinetuneConfig, finetune
-from .folders import RunFolder, check_not_busy
+from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
 from .inputs import check_data_source
 from .records import EXPORT_FILE, FINETUNE_FILE, RUN_FILE
+from .runs import recorded_settings
 from .sizes import check_acip_model, check_ratio_suits, check_ratios, load_at_size
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
@@ -70,8 +71,7 @@ def _resumed_config(args: argparse.Namespace, config_class, record_file: str):
     compared with the record; the run refuses any that differ). None when there is no run to resume."""
     if not args.resume:
         return None
-    recorded = RunFolder(args.output_dir, record_file).recorded_config(config_class)
-    return None if recorded is None else dataclasses.replace(recorded, **_config_overrides(args, config_class))
+    return recorded_settings(args.output_dir, record_file, config_class, **_config_overrides(args, config_class))
 
 
 def compress_main(args: argparse.Namespace) -> None:
@@ -191,7 +191,7 @@ def _efficiency(args: argparse.Namespace, out_dir: Path) -> None:
 
 def _zero_shot(args: argparse.Namespace, out_dir: Path) -> None:
     """The lm-eval sweep of acip eval."""
-    from .files import write_json
+    from .folders import write_json
     from .zeroshot import ACIPLM, zero_shot_sweep
 
     lm = ACIPLM(args.model_dir, batch_size=args.batch_size)

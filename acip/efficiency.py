@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_atomically, write_json
+from .folders import write_atomically, write_json
 from .hub.modeling_acip import ACIPModel
 from .memory import model_bytes, own_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .sizes import check_ratios, load_at_size

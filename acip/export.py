@@ -24,10 +24,7 @@ from transformers import AutoTokenizer
 
 from .data import hub_dataset_name
 from .default_model import HUB_NAME
-from .files import tree_files, write_atomically, write_json
-from .folders import (
-    check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, replace_folder, replaceable, tidy,
-)  # fmt: skip
+from .folders import check_not_busy, check_output_dir, replaceable, replacing, tree_files, write_atomically, write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_model_dir, is_local_path
 from .records import EXPORT_FILE
@@ -83,26 +80,15 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype}
     settings["license"] = _check_export(model_dir, out_dir, settings)
-    check_not_busy(out_dir, "out_dir")  # another export (or run) in progress there: say so before anything else
-    tidy(out_dir, "out_dir")  # what killed exports left (only then is anything written)
-    replaceable(out_dir, overwrite, "out_dir")  # refused before anything is written, the lock file included
-    with folder_lock(out_dir, "out_dir"):
-        replaceable(out_dir, overwrite, "out_dir")  # again: another process may have written it meanwhile
+    with replacing(out_dir, "out_dir", lambda: replaceable(out_dir, overwrite, "out_dir")) as output:
         model = load_at_size(model_dir, ratio, DTYPES.get(dtype, "auto"))
         if quantize is not None:
             model.quantize(quantize)
-        stage = fresh_stage(out_dir)
-        try:
+        with output.staged() as stage:
             _write_export(model, model_dir, stage, settings, repo_id or f"ORG/{Path(os.path.abspath(out_dir)).name}")
             del model
             if validate:
                 check_folder(stage)
-            previous = replace_folder(stage, out_dir)
-            if previous is not None:
-                remove_tree(previous)
-        except BaseException:
-            remove_tree(stage)
-            raise
     return out_dir
 
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from .data import load_blocks
 from .evaluation import perplexity
-from .folders import RunFolder, check_not_busy
+from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir, check_positions
 from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
@@ -26,6 +26,7 @@ from .base_model import load_base_model
 from .fused_loss import language_model_loss
 from .objective import teacher_logits
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
+from .runs import recorded_settings
 from .sizes import check_ratio_suits, check_size_ratio, load_at_size
 
 ADAPTER_DIR = "adapter"
@@ -220,7 +221,7 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
 
     compare = None
     if config is None:  # no settings given: a resumed run takes the recorded ones
-        recorded = RunFolder(output_dir, FINETUNE_FILE).recorded_config(FinetuneConfig) if resume else None
+        recorded = recorded_settings(output_dir, FINETUNE_FILE, FinetuneConfig) if resume else None
         config, compare = recorded or FinetuneConfig(), ()
     return train(build, config, output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite, inputs=inputs,
                  compare=compare)  # fmt: skip

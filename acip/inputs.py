@@ -1,4 +1,5 @@
-"""Checking what a command reads before it writes anything: models, data sources, and which of them are local paths.
+"""What a command reads, checked before it writes anything: models, data sources, which of them are local paths, and
+what identifies a local one's contents (a resumed run must read the same).
 
 Each check raises an error that names the argument (``base_model``, ``model_dir``, ``data``...) and says what is
 allowed; none of them loads a model or opens a data set (a file is read only as far as its first non-blank byte, a
@@ -6,6 +7,7 @@ model folder only for its config).
 """
 
 import glob
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -117,3 +119,36 @@ def local_inputs(inputs: dict[str, object]) -> dict[str, str]:
     """The inputs (name -> value) that are existing local files or folders, as absolute paths."""
     return {name: os.path.abspath(os.fspath(value)) for name, value in inputs.items()
             if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(value)}  # fmt: skip
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """What identifies the contents of an input file or model folder cheaply: the SHA-256 of small files (config.json,
+    text files up to 64 MiB), the size and modification time of large ones (weights)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():  # a model folder: its config and weights define it (a report written into it does not)
+        files = [p for p in files if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
+    seen = {}
+    for file in files:
+        stat = file.stat()
+        key = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        if stat.st_size <= 64 * 2**20:
+            seen[key] = hashlib.sha256(file.read_bytes()).hexdigest()
+        else:
+            seen[key] = f"{stat.st_size} bytes, modified {stat.st_mtime_ns}"
+    return seen
+
+
+def changed_inputs(recorded: dict, inputs: dict[str, str]) -> list[str]:
+    """For each input of ``inputs`` (name -> local path) that differs from the run record's ``inputs``: what
+    differs, in words. Inputs the record does not name (older records, Hub names) are not compared."""
+    changes = []
+    for name, path in inputs.items():
+        then = recorded.get(name)
+        if then is None:
+            continue
+        if os.path.abspath(path) != then["path"]:
+            changes.append(f"{name}: the run started from {then['path']}, given {os.path.abspath(path)}")
+        elif fingerprint(path) != then["fingerprint"]:
+            changes.append(f"{name}: {path} changed since the run started (its files differ)")
+    return changes

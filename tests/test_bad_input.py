@@ -610,49 +610,54 @@ def cli_export_unknown_quantization(env):
     main(["export", str(env.acip), str(env.root / "new"), "--quantize", "int3"])
 
 
+def package(env, *options, model=None, out="m.pt2"):
+    """acip package of the ACIP model (or ``model``) to ``out`` in the test's folder."""
+    main(["package", str(model or env.acip), str(env.root / out), *options])
+
+
 @cli_case(2, r"mine.pt2 exists: pass overwrite=True \(--overwrite\) to replace it")
 def cli_package_onto_an_existing_file(env):
-    main(["package", str(env.acip), str(env.root / "mine.pt2"), "--ratio", "0.5"])
+    package(env, "--ratio", "0.5", out="mine.pt2")
 
 
 @cli_case(2, "path must end in .pt2")
 def cli_package_without_the_suffix(env):
-    main(["package", str(env.acip), str(env.root / "mine"), "--ratio", "0.5"])
+    package(env, "--ratio", "0.5", out="mine")
 
 
 @cli_case(2, "model_dir: no such folder")
 def cli_package_missing_model(env):
-    main(["package", str(env.root / "missing"), str(env.root / "m.pt2"), "--ratio", "0.5"])
+    package(env, "--ratio", "0.5", model=env.root / "missing")
 
 
 @cli_case(2, r"ratio must be in \(0, 1\].*got 1.7")
 def cli_package_ratio_out_of_range(env):
-    main(["package", str(env.acip), str(env.root / "m.pt2"), "--ratio", "1.7"])
+    package(env, "--ratio", "1.7")
 
 
 @cli_case(2, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model .*base")
 def cli_package_a_plain_model(env):
-    main(["package", str(env.base), str(env.root / "m.pt2"), "--ratio", "0.5"])
+    package(env, "--ratio", "0.5", model=env.base)
 
 
 @cli_case(2, "prunable ACIP model: give the size ratio")
 def cli_package_prunable_without_ratio(env):
-    main(["package", str(env.acip), str(env.root / "m.pt2")])
+    package(env)
 
 
 @cli_case(2, "already compressed.*leave out ratio")
 def cli_package_compressed_with_ratio(env):
-    main(["package", str(env.root / "compressed"), str(env.root / "m.pt2"), "--ratio", "0.5"])
+    package(env, "--ratio", "0.5", model=env.root / "compressed")
 
 
 @cli_case(2, "max_cache_len must be an integer >= 2")
 def cli_package_one_position(env):
-    main(["package", str(env.acip), str(env.root / "m.pt2"), "--ratio", "0.5", "--max-cache-len", "1"])
+    package(env, "--ratio", "0.5", "--max-cache-len", "1")
 
 
 @cli_case(2, "batch_size must be an integer >= 1")
 def cli_package_no_batch(env):
-    main(["package", str(env.acip), str(env.root / "m.pt2"), "--ratio", "0.5", "--batch-size", "0"])
+    package(env, "--ratio", "0.5", "--batch-size", "0")
 
 
 def snapshot(root) -> dict[str, str]:

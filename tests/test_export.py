@@ -160,7 +160,6 @@ def test_overwrite_swaps_in_the_new_export_and_clears_what_killed_exports_left(e
     acip_dir, full, _ = exported
     out = tmp_path / "out"
     shutil.copytree(full, out)  # an earlier, prunable export
-    (tmp_path / ".out.export-999999999").mkdir()  # an export killed before acip had swaps (issue 14)
     (tmp_path / ".out.acip-save").mkdir()  # an export killed while writing its new folder
     (tmp_path / "mine.txt").write_text("the user's")
     export_model(acip_dir, out, license="mit", ratio=0.5, overwrite=True, validate=False)
