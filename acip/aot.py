@@ -117,10 +117,10 @@ def _compile(model: ACIPModel, batch_size: int, max_cache_len: int, package_path
                         "vocab_size": str(model.config.text_config.vocab_size), "device": device.type,
                         "dtype": str(model.dtype).removeprefix("torch.")}  # fmt: skip
             # No freezing: with the weights folded in as constants, inductor also prepacks or transposes the output
-            # head for the last-position matmul while the tied embedding keeps the original: SmolLM2 at 0.4 grew from
-            # 278 to 387-789 MiB resident, decoding no faster (AOTInductor's C++ wrapper is what saves the time)
-            # Weights beside the library, not inside it: inside, loading copies them out and the library's ~weights-
-            # sized file pages stay mapped too (SmolLM2 at 0.4: process RSS +558 MiB instead of +287)
+            # head for the last-position matmul while the tied embedding keeps the original: more memory, no faster
+            # (AOTInductor's C++ wrapper is what saves the time). Weights beside the library, not inside it: inside,
+            # loading copies them out and the library's file pages stay mapped too. docs/inference.md ("Compiled
+            # ahead of time") measures both.
             options = {"aot_inductor.metadata": metadata, "aot_inductor.package_constants_in_so": False,
                        "aot_inductor.package_constants_on_disk_format": "binary_blob"}  # fmt: skip
             torch._inductor.aoti_compile_and_package(program, package_path=str(package_path), inductor_configs=options)
