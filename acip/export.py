@@ -1,10 +1,11 @@
 """Export a saved ACIP model as a folder ready for the Hugging Face Hub, check it the way a user will load it, and
 push it.
 
-An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the five
-remote-code files, ``requirements.txt`` and a ``README.md`` model card rendered from ``templates/model_card.md``:
-Hub front matter, a quick start naming the repository, what the size ratio means, the measured perplexity table
-when the model folder holds an ``acip eval`` result, how the model was made, dependencies, license and citation.
+An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the remote-code
+files (``acip.hub.HUB_FILES``), ``requirements.txt`` and a ``README.md`` model card rendered from
+``templates/model_card.md``: Hub front matter, a quick start naming the repository, what the size ratio means, the
+measured perplexity table when the model folder holds an ``acip eval`` result, how the model was made, dependencies,
+license and citation.
 Before a folder is handed over or pushed, :func:`check_folder` loads it offline in a fresh process through
 ``trust_remote_code`` (``hub_check.py``), prunes it and generates a token.
 """

@@ -18,9 +18,9 @@ from acip import ACIPModel
 from acip.cli import main
 from acip.export import ExportError, check_folder, export_model, push_to_hub
 from acip.finetune import FinetuneConfig
+from acip.hub import HUB_FILES
 from acip.report import PerplexityReport, read_report, write_report
 
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
 EXPORTED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                   "tokenizer_config.json", "requirements.txt", "README.md", "eval_perplexity.png",
                   "acip_export.json")  # fmt: skip
