@@ -10,7 +10,7 @@ checkpoints make a killed run resumable to the same result.
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from .evaluation import perplexity
 from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_data_source, check_model_dir, check_positions
-from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
+from .loop import Task, TrainingConfig, default, option, set_gradient_checkpointing, train
 from .base_model import load_base_model
 from .fused_loss import language_model_loss
 from .objective import teacher_logits
@@ -43,16 +43,22 @@ class FinetuneConfig(TrainingConfig):
     lora_r: int = default("lora_r", 16)
     lora_alpha: int = default("lora_alpha", 32)
     checkpoint_every: int = default("checkpoint_every", 50)
-    ratio: float | None = field(default=None, metadata={"help": "size ratio to prune to before fine-tuning, in (0, 1]; leave out for a model that is already compressed"})
-    quantize: str | None = field(default=None, metadata={"help": "quantize the compressed model to 4 bits first (QLoRA): nf4 or fp4", "choices": QUANT_TYPES})
-    eval_data: str = field(default="wiki-validation", metadata={"help": "held-out text for perplexity before and after"})
-    eval_blocks: int = field(default=16, metadata={"help": "held-out windows scored before and after (0: skip)"})
-    eval_block_size: int = field(default=512, metadata={"help": "tokens per held-out window (acip eval's default)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up (then cosine decay to 0)"})
-    lora_targets: str | list[str] = field(default="all-linear", metadata={"help": "layers that get LoRA (peft convention; all-linear: the factor layers and dense layers, not the head)"})
-    teacher: str | None = field(default=None, metadata={"help": "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or Hub name); default: the base model of the ACIP run (its acip_run.json)"})
-    save: str = field(default="merged", metadata={"help": "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed model plus the peft adapter", "choices": SAVE_MODES})
+    ratio: float | None = option(None, "size ratio to prune to before fine-tuning, in (0, 1]; leave out for a model "
+                                       "that is already compressed")
+    quantize: str | None = option(None, "quantize the compressed model to 4 bits first (QLoRA): nf4 or fp4",
+                                  choices=QUANT_TYPES)
+    eval_data: str = option("wiki-validation", "held-out text for perplexity before and after")
+    eval_blocks: int = option(16, "held-out windows scored before and after (0: skip)")
+    eval_block_size: int = option(512, "tokens per held-out window (acip eval's default)")
+    steps: int = option(200, "optimizer steps")
+    warmup_steps: int = option(10, "steps of linear learning-rate warm-up (then cosine decay to 0)")
+    lora_targets: str | list[str] = option("all-linear", "layers that get LoRA (peft convention; all-linear: the "
+                                                         "factor layers and dense layers, not the head)")
+    teacher: str | None = option(None, "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or "
+                                       "Hub name); default: the base model of the ACIP run (its acip_run.json)")
+    save: str = option("merged", "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed "
+                                 "model plus the peft adapter",
+                       choices=SAVE_MODES)
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""

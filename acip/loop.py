@@ -37,25 +37,35 @@ from .runs import (
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
+def option(default, help: str, choices=None):
+    """A field of a run config with its help text (and its choices): the command line makes one option of each
+    (acip.cli), and a run's record saves them all."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices is not None else {})})
+
+
 @dataclass
 class TrainingConfig:
     """The settings every training run has; the ACIP run and fine-tuning add their own (and their own defaults)."""
 
-    data: str = field(default="wiki-train", metadata={"help": "training text: a built-in corpus, a file, or hf:NAME[:CONFIG[:SPLIT]]"})
-    block_size: int = field(default=1024, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch (per process)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate, no weight decay"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
-    distill_alpha: float = field(default=0.0, metadata={"help": "weight α of distillation from the dense base model: loss = (1-α)·CE + α·T²·KL(teacher‖student) (0: off)"})
-    distill_temperature: float = field(default=1.0, metadata={"help": "temperature T of the distillation term"})
-    compute_dtype: str = field(default="auto", metadata={"help": "dtype of the matrix products: auto (bfloat16 on CUDA and on CPUs with native bf16 units, else float32), float32 or bfloat16", "choices": COMPUTE_DTYPES})
+    data: str = option("wiki-train", "training text: a built-in corpus, a file, or hf:NAME[:CONFIG[:SPLIT]]")
+    block_size: int = option(1024, "tokens per training sequence")
+    batch_size: int = option(4, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "AdamW learning rate, no weight decay")
+    max_grad_norm: float = option(0.0, "clip the gradient norm to this (0: no clipping)")
+    lora_r: int = option(32, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    checkpoint_every: int = option(100, "optimizer steps between checkpoints (0: none)")
+    seed: int = option(0, "seed for data order, LoRA init and dropout")
+    gradient_checkpointing: bool = option(False, "recompute each decoder block's activations in the backward pass: "
+                                                 "less memory, about a third more compute")
+    distill_alpha: float = option(0.0, "weight α of distillation from the dense base model: loss = (1-α)·CE + "
+                                       "α·T²·KL(teacher‖student) (0: off)")
+    distill_temperature: float = option(1.0, "temperature T of the distillation term")
+    compute_dtype: str = option("auto", "dtype of the matrix products: auto (bfloat16 on CUDA and on CPUs with "
+                                        "native bf16 units, else float32), float32 or bfloat16",
+                                choices=COMPUTE_DTYPES)
 
     def validate(self) -> None:
         """Clear errors for settings a run cannot use."""
