@@ -317,8 +317,8 @@ def _add_eval(commands) -> None:
     evaluate.set_defaults(main=eval_main)
 
 
-BUG_REPORT = ("this is a bug in acip, not a mistake of yours: please report it to the acip maintainers (the issue "
-              "tracker of the repository acip came from) with the command line and the traceback above")
+BUG_REPORT = ("this is a bug in acip: please report it to the acip maintainers (the issue tracker of the repository "
+              "acip came from) with the command line and the traceback above")
 # What acip's checks raise for bad input (docs/guarantees.md); raised by anything else, these types are not a user's
 # mistake (a wrong unpacking in acip, a check inside torch) and count as bugs.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -345,9 +345,9 @@ def exit_status(error: BaseException) -> int | None:
     if _raised_by_acip(error):
         if isinstance(error, BAD_INPUT):
             return 2
-        if isinstance(error, (RuntimeError, ImportError, OSError)):  # e.g. FolderBusy, ExportError
+        if isinstance(error, RuntimeError):  # e.g. FolderBusy, ExportError
             return 1
-    # The machine's, not the command's: a full disk, a missing optional package, memory
+    # The machine's, wherever raised: a full disk, a missing optional package, too little memory
     if isinstance(error, (OSError, ImportError, MemoryError, torch.OutOfMemoryError)):
         return 1
     return None

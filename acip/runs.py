@@ -37,8 +37,9 @@ def recorded_settings(output_dir: str | os.PathLike, record_file: str, config_cl
 
 
 class RunFolder:
-    """The folders of one training run: ``result`` (what the user named), where the run lives until it is complete
-    (``result`` itself, or ``.NAME.acip-new`` while ``result`` holds a previous result), and the stage of its save."""
+    """The folders of one training run: ``result`` (what the user named) and where the run lives until it is complete
+    (``result`` itself, or ``.NAME.acip-new`` while ``result`` holds a previous result); its save is staged and swapped
+    in by acip.folders.replacing."""
 
     def __init__(self, result: str | os.PathLike, record_file: str):
         self.result = Path(os.path.abspath(result))
