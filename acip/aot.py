@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .files import fsync_path
+from .folders import replacing
 from .hub.modeling_acip import ACIPModel
 
 FORMAT = "acip-aot-1"  # written into every package's metadata; a package without it was not made by build_package
@@ -54,7 +54,7 @@ def check_package_target(path: Path, batch_size: int, max_cache_len: int, overwr
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
     if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it")
     if not Path(path).parent.is_dir():
         raise FileNotFoundError(f"the folder of path does not exist: {Path(path).parent}")
 
@@ -66,7 +66,8 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
 
     The model is left as it was (a fused model is compiled with contiguous weights, the layout inductor prefers, and
     laid out again afterwards). Its weights are frozen into the package: later changes to the model do not reach
-    it. The file is written beside and renamed into place; an existing file is replaced only with ``overwrite``."""
+    it. The file is written beside and renamed into place, under the path's lock (acip.folders); an existing file
+    is replaced only with ``overwrite``."""
     path = Path(path)
     if not isinstance(model, ACIPModel):
         raise TypeError(f"model must be an ACIPModel, got {type(model).__name__}")
@@ -83,13 +84,23 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
     if getattr(model.config, "quantization_config", None) is not None:
         raise RuntimeError("build_package() needs an unquantized model: 4-bit layers do not export")
 
+    check = lambda: check_package_target(path, batch_size, max_cache_len, overwrite)  # noqa: E731
+    # the stage keeps the .pt2 suffix, which inductor insists on
+    with replacing(path, "path", check, file=True) as output, output.staged() as stage:
+        _compile(model, batch_size, max_cache_len, stage)
+    return path
+
+
+def _compile(model: ACIPModel, batch_size: int, max_cache_len: int, package_path: Path) -> None:
+    """Export ``model`` with a static cache and compile it into the package ``package_path`` (AOTInductor); the
+    model is left as it was."""
     base = model.model
     members = [base.get_submodule(name) for name in model.config.target_modules] if model.config.fused_groups else []
     layout = next((m.layout for m in members if hasattr(m, "layout")), None)
-    generation_config, base.generation_config = base.generation_config, base.generation_config.__class__.from_dict(
-        {**base.generation_config.to_dict(), "cache_implementation": "static", "use_cache": True})  # fmt: skip
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # inductor insists on the suffix
+    generation_config = base.generation_config
     try:
+        base.generation_config = generation_config.__class__.from_dict(
+            {**generation_config.to_dict(), "cache_implementation": "static", "use_cache": True})  # fmt: skip
         if layout is not None:
             model.fuse(layout="contiguous")
         wrapper = _static_cache_module(base, batch_size, max_cache_len)
@@ -106,22 +117,17 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
                         "vocab_size": str(model.config.text_config.vocab_size), "device": device.type,
                         "dtype": str(model.dtype).removeprefix("torch.")}  # fmt: skip
             # No freezing: with the weights folded in as constants, inductor also prepacks or transposes the output
-            # head for the last-position matmul while the tied embedding keeps the original: SmolLM2 at 0.4 grew from
-            # 278 to 387-789 MiB resident, decoding no faster (AOTInductor's C++ wrapper is what saves the time)
-            # Weights beside the library, not inside it: inside, loading copies them out and the library's ~weights-
-            # sized file pages stay mapped too (SmolLM2 at 0.4: process RSS +558 MiB instead of +287)
+            # head for the last-position matmul while the tied embedding keeps the original: more memory, no faster
+            # (AOTInductor's C++ wrapper is what saves the time). Weights beside the library, not inside it: inside,
+            # loading copies them out and the library's file pages stay mapped too. docs/inference.md ("Compiled
+            # ahead of time") measures both.
             options = {"aot_inductor.metadata": metadata, "aot_inductor.package_constants_in_so": False,
                        "aot_inductor.package_constants_on_disk_format": "binary_blob"}  # fmt: skip
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options)
-        fsync_path(tmp)  # as acip.files writes: flushed, renamed over the target, the folder flushed
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package_path), inductor_configs=options)
     finally:
         base.generation_config = generation_config
         if layout is not None:
             model.fuse(layout=layout)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 class PackagedLM:

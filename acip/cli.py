@@ -1,22 +1,37 @@
 """The ``acip`` command line: ``acip compress`` (the ACIP run), ``acip eval`` (perplexity across size ratios,
 zero-shot tasks, size and speed), ``acip finetune`` (LoRA on a compressed model), ``acip export`` (a folder
-ready for the Hub, optionally pushed) and ``acip package`` (a compressed model compiled ahead of time)."""
+ready for the Hub, optionally pushed) and ``acip package`` (a compressed model compiled ahead of time).
+
+A mistake on the command line ends in one line on stderr, ``acip COMMAND: error: MESSAGE``, as argparse words its own:
+exit status 2 for bad arguments (what acip's checks refuse: the library raises ValueError, FileNotFoundError and
+their kin with a message naming the argument), 1 for a failure at run time (another process holds the folder, the
+disk is full, an export does not load, an interrupt: 130). ``--debug`` or ``ACIP_DEBUG=1`` adds the traceback.
+Anything else is a bug of acip: its traceback is shown, with a line saying where to report it.
+"""
 
 import argparse
 import dataclasses
+import dis
 import json
+import os
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
+import torch
+
+from . import hub
 from .distributed import Processes
-from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS, check_ratios, check_size_ratio
+from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
 from .finetune import FinetuneConfig, finetune
-from .folders import RunFolder, check_not_busy
+from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
-from .inputs import check_data_source, check_model_source
+from .inputs import check_data_source
 from .records import EXPORT_FILE, FINETUNE_FILE, RUN_FILE
+from .runs import recorded_settings
+from .sizes import check_acip_model, check_ratio_suits, check_ratios, load_at_size
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
 
 
@@ -56,8 +71,7 @@ def _resumed_config(args: argparse.Namespace, config_class, record_file: str):
     compared with the record; the run refuses any that differ). None when there is no run to resume."""
     if not args.resume:
         return None
-    recorded = RunFolder(args.output_dir, record_file).recorded_config(config_class)
-    return None if recorded is None else dataclasses.replace(recorded, **_config_overrides(args, config_class))
+    return recorded_settings(args.output_dir, record_file, config_class, **_config_overrides(args, config_class))
 
 
 def compress_main(args: argparse.Namespace) -> None:
@@ -94,7 +108,7 @@ def export_main(args: argparse.Namespace) -> None:
     from .export import export_model, push_to_hub
 
     if args.push_to_hub and not args.repo_id:
-        raise SystemExit("acip export: --push-to-hub needs --repo-id ORG/NAME")
+        raise ValueError("--push-to-hub needs --repo-id ORG/NAME")
     start = time.perf_counter()
     out = export_model(
         args.model_dir, args.out_dir, repo_id=args.repo_id, license=args.license, ratio=args.ratio,
@@ -114,25 +128,14 @@ def export_main(args: argparse.Namespace) -> None:
 
 def package_main(args: argparse.Namespace) -> None:
     """acip package: prune to --ratio, compress, fuse and compile ahead of time into one .pt2 file (acip.aot)."""
-    import torch
-
     from .aot import build_package, check_package_target
-    from .hub.modeling_acip import ACIPModel
 
-    check_model_source("model_dir", args.model_dir)
+    check_ratio_suits("model_dir", args.model_dir, args.ratio)
     if Path(args.model_dir).is_dir():
         check_not_busy(args.model_dir, "model_dir")
-    if args.ratio is not None:
-        check_size_ratio(args.ratio)
     check_package_target(Path(args.out), args.batch_size, args.max_cache_len, args.overwrite)
     start = time.perf_counter()
-    model = ACIPModel.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
-    if model.config.compressed and args.ratio is not None:
-        raise ValueError(f"model_dir {args.model_dir} is already compressed; package it without ratio (--ratio)")
-    if not model.config.compressed and args.ratio is None:
-        raise ValueError(f"model_dir {args.model_dir} is prunable: give the size ratio to package (--ratio, in (0, 1])")
-    if args.ratio is not None:
-        model.prune_model_by_score(compression_ratio=args.ratio).compress()
+    model = load_at_size(args.model_dir, args.ratio, getattr(torch, args.dtype))
     if args.fuse and not model.config.fused_groups:
         model.fuse()
     path = build_package(model, args.out, args.batch_size, args.max_cache_len, overwrite=args.overwrite)
@@ -147,7 +150,7 @@ def eval_main(args: argparse.Namespace) -> None:
     check_ratios(args.ratios)
     for source in args.data:
         check_data_source("data", source)
-    check_model_source("model_dir", args.model_dir)
+    check_acip_model("model_dir", args.model_dir)
     if Path(args.model_dir).is_dir():
         check_not_busy(args.model_dir, "model_dir")  # a run or export is writing it
     out_dir = Path(args.output_dir or (args.model_dir if Path(args.model_dir).is_dir() else "."))
@@ -188,7 +191,7 @@ def _efficiency(args: argparse.Namespace, out_dir: Path) -> None:
 
 def _zero_shot(args: argparse.Namespace, out_dir: Path) -> None:
     """The lm-eval sweep of acip eval."""
-    from .files import write_json
+    from .folders import write_json
     from .zeroshot import ACIPLM, zero_shot_sweep
 
     lm = ACIPLM(args.model_dir, batch_size=args.batch_size)
@@ -206,11 +209,19 @@ def _zero_shot(args: argparse.Namespace, out_dir: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``acip`` command."""
-    parser = argparse.ArgumentParser(prog="acip", description="Any Compression via Iterative Pruning")
+    parser = Parser(prog="acip", description="Any Compression via Iterative Pruning")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in (_add_compress, _add_finetune, _add_export, _add_eval, _add_package):
         add_command(commands)
+    commands.metavar = "{" + ",".join(commands.choices) + "}"  # argparse's own, so that its error names them too
+    for command in commands.choices.values():  # also after the command's name; unset, it keeps acip --debug's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    parser.commands = commands.choices
     return parser
+
+
+DEBUG_HELP = "on an error, show its traceback too (also: environment variable ACIP_DEBUG=1)"
 
 
 def _add_compress(commands) -> None:
@@ -229,7 +240,6 @@ def _add_finetune(commands) -> None:
     )
     tune.add_argument("model_dir", help="a saved ACIP model (e.g. the output of acip compress)")
     _add_run_options(tune, "the fine-tuned model", FinetuneConfig)
-    tune.add_argument("--target-modules", dest="lora_targets", help="the former name of --lora-targets")
     tune.set_defaults(main=finetune_main)
 
 
@@ -307,10 +317,74 @@ def _add_eval(commands) -> None:
     evaluate.set_defaults(main=eval_main)
 
 
+BUG_REPORT = ("this is a bug in acip: please report it to the acip maintainers (the issue tracker of the repository "
+              "acip came from) with the command line and the traceback above")
+# What acip's checks raise for bad input (docs/guarantees.md); raised by anything else, these types are not a user's
+# mistake (a wrong unpacking in acip, a check inside torch) and count as bugs.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+_ACIP_CODE = {os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(hub.__file__))}
+
+
+def _raised_by_acip(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement of acip's own code (the package or its Hub files)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    ours = os.path.dirname(os.path.abspath(code.co_filename)) in _ACIP_CODE
+    return ours and code.co_code[tb.tb_lasti] == dis.opmap["RAISE_VARARGS"]
+
+
+def exit_status(error: BaseException) -> int | None:
+    """The exit status of the command that ``error`` ended: 2 bad input, 1 failure at run time, 130 interrupted;
+    None for a bug (an exception acip did not expect)."""
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if _raised_by_acip(error):
+        if isinstance(error, BAD_INPUT):
+            return 2
+        if isinstance(error, RuntimeError):  # e.g. FolderBusy, ExportError
+            return 1
+    # The machine's, wherever raised: a full disk, a missing optional package, too little memory
+    if isinstance(error, (OSError, ImportError, MemoryError, torch.OutOfMemoryError)):
+        return 1
+    return None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the rest of acip's: one line, ``acip COMMAND: error: MESSAGE``, exit status 2."""
+
+    def error(self, message: str):
+        """Print the one line and exit with status 2 (``acip COMMAND --help`` shows the options)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``acip`` command."""
-    args = build_parser().parse_args(argv)
-    args.main(args)
+    """Entry point of the ``acip`` command (see the module's docstring for how it ends on an error)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, which names the command (the top one would say only "acip")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    prog = f"acip {args.command}"
+    try:
+        args.main(args)
+    except (Exception, KeyboardInterrupt) as error:
+        _fail(prog, error, args.debug or os.environ.get("ACIP_DEBUG", "") not in ("", "0"))
+
+
+def _fail(prog: str, error: BaseException, debug: bool) -> typing.NoReturn:
+    """End the command on ``error``: one line (with its traceback first for a bug, or with ``debug``)."""
+    status = exit_status(error)
+    if status is None or debug:
+        traceback.print_exception(error)
+    if status is None:
+        print(f"{prog}: internal error: {type(error).__name__}: {error}\n{prog}: {BUG_REPORT}", file=sys.stderr)
+        raise SystemExit(1) from None
+    message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

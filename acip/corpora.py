@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
-from .files import write_jsonl
+from .folders import write_jsonl
 
 _GENSIM = "gensim==4.4.0"
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 DEFAULT_MODEL = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MAX_POSITIONS = 8192  # its config's max_position_embeddings, known without reading the GGUF file (tests check it)
 
 
 def smollm2_dir() -> str:

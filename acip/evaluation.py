@@ -9,7 +9,6 @@ globally by size (the paper's ablation; it collapses because layers differ in sc
 every layer to the same fraction of its parameters, keeping its largest singular values (the stronger baseline).
 """
 
-import numbers
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +21,9 @@ from tqdm.auto import tqdm
 from .hub.modeling_acip import ACIPModel
 from .hub.pruning import rank_cost
 from .records import recorded_base_model
+from .inputs import check_positions
 from .report import PerplexityReport
+from .sizes import check_ratios
 
 DEFAULT_DATA = ("wiki-validation", "lee")
 DEFAULT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
@@ -81,22 +82,6 @@ def pruning_restored(model: ACIPModel):
                 layer.mask.copy_(saved[name])
 
 
-def check_size_ratio(ratio, name: str = "ratio") -> float:
-    """One size ratio to evaluate or fine-tune at, as a float, or a ValueError naming ``name`` and the allowed range
-    (0, 1] (the model's own ``pruning.check_ratio`` also takes 0 and two names)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-        raise ValueError(f"{name} must be in (0, 1] (the fraction of parameters kept), got {ratio!r}")
-    return float(ratio)
-
-
-def check_ratios(ratios: Sequence[float]) -> list[float]:
-    """The ratios as floats, or a ValueError naming the bad one and the allowed range."""
-    ratios = list(ratios)
-    if not ratios:
-        raise ValueError("ratios must hold at least one size ratio in (0, 1]")
-    return [check_size_ratio(r, "ratios") for r in ratios]
-
-
 @torch.no_grad()
 def ratio_sweep(
     model: ACIPModel, blocks: torch.Tensor, ratios: Sequence[float], batch_size: int = 8, desc: str = "ratios"
@@ -132,6 +117,7 @@ def evaluate_perplexity(
     ratios = check_ratios(ratios)
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
+    check_positions("model_dir", model_dir, {"block_size": block_size})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ACIPModel.from_pretrained(model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,10 +1,11 @@
 """Export a saved ACIP model as a folder ready for the Hugging Face Hub, check it the way a user will load it, and
 push it.
 
-An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the five
-remote-code files, ``requirements.txt`` and a ``README.md`` model card rendered from ``templates/model_card.md``:
-Hub front matter, a quick start naming the repository, what the size ratio means, the measured perplexity table
-when the model folder holds an ``acip eval`` result, how the model was made, dependencies, license and citation.
+An exported folder holds config.json (with ``auto_map``), the safetensors weights, the tokenizer, the remote-code
+files (``acip.hub.HUB_FILES``), ``requirements.txt`` and a ``README.md`` model card rendered from
+``templates/model_card.md``: Hub front matter, a quick start naming the repository, what the size ratio means, the
+measured perplexity table when the model folder holds an ``acip eval`` result, how the model was made, dependencies,
+license and citation.
 Before a folder is handed over or pushed, :func:`check_folder` loads it offline in a fresh process through
 ``trust_remote_code`` (``hub_check.py``), prunes it and generates a token.
 """
@@ -24,15 +25,12 @@ from transformers import AutoTokenizer
 
 from .data import hub_dataset_name
 from .default_model import HUB_NAME
-from .evaluation import check_size_ratio
-from .files import tree_files, write_atomically, write_json
-from .folders import (
-    check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, replace_folder, replaceable, tidy,
-)  # fmt: skip
+from .folders import check_not_busy, check_output_dir, replaceable, replacing, tree_files, write_atomically, write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
 from .inputs import check_model_dir, is_local_path
 from .records import EXPORT_FILE
 from .report import REPORT_STEM, read_report, write_report
+from .sizes import check_ratio_suits, load_at_size
 
 # What a Hub user needs to load an exported model (the acip package is not needed); CI installs exactly this, and
 # the repository's requirements.txt is this list (tests/test_export.py checks that they agree).
@@ -83,28 +81,15 @@ def export_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype}
     settings["license"] = _check_export(model_dir, out_dir, settings)
-    check_not_busy(out_dir, "out_dir")  # another export (or run) in progress there: say so before anything else
-    tidy(out_dir, "out_dir")  # what killed exports left (only then is anything written)
-    replaceable(out_dir, overwrite, "out_dir")  # refused before anything is written, the lock file included
-    with folder_lock(out_dir, "out_dir"):
-        replaceable(out_dir, overwrite, "out_dir")  # again: another process may have written it meanwhile
-        model = ACIPModel.from_pretrained(model_dir, dtype=DTYPES.get(dtype, "auto")).eval()
-        if ratio is not None:
-            model.prune_model_by_score(compression_ratio=ratio).compress()
+    with replacing(out_dir, "out_dir", lambda: replaceable(out_dir, overwrite, "out_dir")) as output:
+        model = load_at_size(model_dir, ratio, DTYPES.get(dtype, "auto"))
         if quantize is not None:
             model.quantize(quantize)
-        stage = fresh_stage(out_dir)
-        try:
+        with output.staged() as stage:
             _write_export(model, model_dir, stage, settings, repo_id or f"ORG/{Path(os.path.abspath(out_dir)).name}")
             del model
             if validate:
                 check_folder(stage)
-            previous = replace_folder(stage, out_dir)
-            if previous is not None:
-                remove_tree(previous)
-        except BaseException:
-            remove_tree(stage)
-            raise
     return out_dir
 
 
@@ -113,19 +98,15 @@ def _check_export(model_dir: Path, out_dir: Path, settings: dict) -> str:
     if settings["repo_id"] is not None:
         check_repo_id(settings["repo_id"])
     ratio, quantize, dtype = settings["ratio"], settings["quantize"], settings["dtype"]
-    if ratio is not None:
-        check_size_ratio(ratio)
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {quantize!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {dtype!r}")
     check_model_dir("model_dir", model_dir)
+    config = check_ratio_suits("model_dir", model_dir, ratio, needed=False)
     if not (model_dir / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"model_dir {model_dir} has no tokenizer files; save the tokenizer next to the model")
     check_output_dir(out_dir, {"model_dir": str(model_dir)}, "out_dir")
-    config = json.loads((model_dir / "config.json").read_text())
-    if ratio is not None and config.get("compressed"):
-        raise ValueError(f"model_dir {model_dir} is already compressed; export it without ratio (--ratio)")
     if quantize is not None and ratio is None and not config.get("compressed"):
         raise ValueError(
             f"quantize needs a compressed model, and model_dir {model_dir} is prunable: give ratio (--ratio) to prune "

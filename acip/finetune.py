@@ -7,26 +7,27 @@ training loop (acip.loop). Held-out perplexity is measured before and after and 
 checkpoints make a killed run resumable to the same result.
 """
 
-import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from .data import load_blocks
-from .evaluation import check_size_ratio, perplexity
-from .folders import RunFolder, check_not_busy
+from .evaluation import perplexity
+from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .inputs import check_data_source, check_model_dir
-from .loop import Task, TrainingConfig, default, set_gradient_checkpointing, train
+from .inputs import check_data_source, check_model_dir, check_positions
+from .loop import Task, TrainingConfig, default, option, set_gradient_checkpointing, train
 from .base_model import load_base_model
 from .fused_loss import language_model_loss
 from .objective import teacher_logits
 from .records import FINETUNE_FILE, FINETUNE_LOG, RUN_FILE, recorded_base_model
+from .runs import recorded_settings
+from .sizes import check_ratio_suits, check_size_ratio, load_at_size
 
 ADAPTER_DIR = "adapter"
 SAVE_MODES = ("merged", "adapter")
@@ -42,16 +43,22 @@ class FinetuneConfig(TrainingConfig):
     lora_r: int = default("lora_r", 16)
     lora_alpha: int = default("lora_alpha", 32)
     checkpoint_every: int = default("checkpoint_every", 50)
-    ratio: float | None = field(default=None, metadata={"help": "size ratio to prune to before fine-tuning, in (0, 1]; leave out for a model that is already compressed"})
-    quantize: str | None = field(default=None, metadata={"help": "quantize the compressed model to 4 bits first (QLoRA): nf4 or fp4", "choices": QUANT_TYPES})
-    eval_data: str = field(default="wiki-validation", metadata={"help": "held-out text for perplexity before and after"})
-    eval_blocks: int = field(default=16, metadata={"help": "held-out windows scored before and after (0: skip)"})
-    eval_block_size: int = field(default=512, metadata={"help": "tokens per held-out window (acip eval's default)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up (then cosine decay to 0)"})
-    lora_targets: str | list[str] = field(default="all-linear", metadata={"help": "layers that get LoRA (peft convention; all-linear: the factor layers and dense layers, not the head)"})
-    teacher: str | None = field(default=None, metadata={"help": "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or Hub name); default: the base model of the ACIP run (its acip_run.json)"})
-    save: str = field(default="merged", metadata={"help": "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed model plus the peft adapter", "choices": SAVE_MODES})
+    ratio: float | None = option(None, "size ratio to prune to before fine-tuning, in (0, 1]; leave out for a model "
+                                       "that is already compressed")
+    quantize: str | None = option(None, "quantize the compressed model to 4 bits first (QLoRA): nf4 or fp4",
+                                  choices=QUANT_TYPES)
+    eval_data: str = option("wiki-validation", "held-out text for perplexity before and after")
+    eval_blocks: int = option(16, "held-out windows scored before and after (0: skip)")
+    eval_block_size: int = option(512, "tokens per held-out window (acip eval's default)")
+    steps: int = option(200, "optimizer steps")
+    warmup_steps: int = option(10, "steps of linear learning-rate warm-up (then cosine decay to 0)")
+    lora_targets: str | list[str] = option("all-linear", "layers that get LoRA (peft convention; all-linear: the "
+                                                         "factor layers and dense layers, not the head)")
+    teacher: str | None = option(None, "with distill_alpha > 0: the dense model to distil from ('smollm2', a path or "
+                                       "Hub name); default: the base model of the ACIP run (its acip_run.json)")
+    save: str = option("merged", "merged: LoRA folded into the weights, an ordinary model; adapter: the compressed "
+                                 "model plus the peft adapter",
+                       choices=SAVE_MODES)
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
@@ -84,16 +91,8 @@ class FinetuneConfig(TrainingConfig):
 
 def load_compressed(model_dir: str | os.PathLike, config: FinetuneConfig, device, dtype) -> ACIPModel:
     """A saved ACIP model pruned to ``config.ratio``, compressed, and quantized if asked."""
-    model = ACIPModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if model.config.compressed:
-        if config.ratio is not None:
-            raise ValueError(
-                f"{model_dir} is already compressed (to ratio {model.get_size_ratio():.3f}); leave out ratio (--ratio)"
-            )
-    elif config.ratio is None:
-        raise ValueError(f"{model_dir} is a prunable ACIP model: give the size ratio to fine-tune at (--ratio, (0, 1])")
-    else:
-        model.prune_model_by_score(compression_ratio=config.ratio).compress()
+    check_ratio_suits("model_dir", model_dir, config.ratio)
+    model = load_at_size(model_dir, config.ratio, dtype, device)
     if config.quantize is not None:
         model.quantize(config.quantize)
     return model.requires_grad_(False)
@@ -217,27 +216,19 @@ def finetune(model_dir, output_dir, config: FinetuneConfig | None = None, *, res
         """What the run reads, checked (nothing loaded)."""
         check_model_dir("model_dir", model_dir)
         check_not_busy(model_dir, "model_dir")
-        _check_ratio_fits(model_dir, config.ratio)
+        check_ratio_suits("model_dir", model_dir, config.ratio)
         check_data_source("data", config.data)
         if config.eval_blocks:
             check_data_source("eval_data", config.eval_data)
+        lengths = {"block_size": config.block_size, **({"eval_block_size": config.eval_block_size}
+                                                       if config.eval_blocks else {})}  # fmt: skip
+        check_positions("model_dir", model_dir, lengths)
         return {"model_dir": model_dir, "data": config.data, "eval_data": config.eval_data}
 
     compare = None
     if config is None:  # no settings given: a resumed run takes the recorded ones
-        recorded = RunFolder(output_dir, FINETUNE_FILE).recorded_config(FinetuneConfig) if resume else None
+        recorded = recorded_settings(output_dir, FINETUNE_FILE, FinetuneConfig) if resume else None
         config, compare = recorded or FinetuneConfig(), ()
     return train(build, config, output_dir, FINETUNE_FILE, resume=resume, overwrite=overwrite, inputs=inputs,
                  compare=compare)  # fmt: skip
 
-
-def _check_ratio_fits(model_dir, ratio: float | None) -> None:
-    """A ValueError naming ratio when it does not suit the saved model (read from its config.json, nothing loaded)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config.get("model_type") != "acip":
-        raise ValueError(f"model_dir {model_dir} is not an ACIP model (model_type {config.get('model_type')!r})")
-    if config.get("compressed") and ratio is not None:
-        raise ValueError(f"model_dir {model_dir} is already compressed; leave out ratio (--ratio)")
-    if not config.get("compressed") and ratio is None:
-        raise ValueError(f"model_dir {model_dir} is a prunable ACIP model: give the size ratio to fine-tune at "
-                         "(ratio=..., --ratio, in (0, 1])")  # fmt: skip

@@ -1,17 +1,27 @@
-"""The folders acip writes: checked before anything is written, locked while a process writes them, and replaced
-only by a complete new folder, swapped in at once.
+"""How acip writes: a file is either the old or the new one, a folder is replaced only by a complete new folder,
+swapped in at once, and only where acip wrote the old one; one process at a time writes an output.
 
-For an output folder ``runs/demo`` acip uses these siblings (hidden names next to it, never inside it):
+A file goes to a temporary sibling, is flushed to the disk (fsync), renamed over the target, and the folder holding
+it is flushed too, so that the rename itself survives a power loss (:func:`write_atomically`).
+
+A command's output (a folder, or one file such as a ``.pt2`` package) is written inside :func:`replacing`: the
+output-folder protocol, the same for the ACIP run, fine-tuning, export and packages. It refuses at once an output
+another process is writing, puts right what killed processes left, checks the output may be written (twice: before
+the lock, so that a refusal writes nothing, and under it), holds the lock, and gives a stage beside the output that
+is swapped in when complete.
+
+For an output ``runs/demo`` acip uses these siblings (hidden names next to it, never inside it):
 
 * ``runs/.demo.acip-lock``: the lock file. One process at a time holds it (an OS file lock, :func:`folder_lock`);
   it records the holder's pid, command and start time for the message another process gets.
 * ``runs/.demo.acip-new``: a run started with ``--overwrite`` while ``runs/demo`` holds a previous result lives here
-  (record, log, checkpoints) until it is complete; ``--resume`` finds it here.
+  (record, log, checkpoints) until it is complete; ``--resume`` finds it here (acip.runs).
 * ``runs/.demo.acip-save``: the stage of a final save or an export: written completely, flushed, then swapped with
-  ``runs/demo`` (:func:`replace_folder`); afterwards it holds the previous contents, which are removed.
+  ``runs/demo`` (:func:`replace_folder`); afterwards it holds the previous contents, which are removed. The stage of
+  a file ``m.pt2`` is ``.m.pt2.acip-save.pt2`` (renamed over the file).
 * ``runs/.demo.acip-old``: only where the filesystem cannot swap two folders at once (see :func:`replace_folder`).
 
-Whatever a killed process leaves of these is put right by the next acip command on the same folder
+Whatever a killed process leaves of these is put right by the next acip command on the same output
 (:func:`recover`).
 """
 
@@ -23,12 +33,10 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from .checkpoints import latest_checkpoint
-from .files import fsync_path, fsync_tree
-from .records import COMMANDS, KINDS, config_from_record, folder_record, foreign_files, read_record
+from .records import KINDS, foreign_files, read_record
 
 LOCK, NEW, STAGE, OLD = "acip-lock", "acip-new", "acip-save", "acip-old"
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
@@ -37,6 +45,72 @@ _NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, err
 
 class FolderBusy(RuntimeError):
     """Another process holds the folder's lock; the message names it (pid, command, start time)."""
+
+
+# -- files -----------------------------------------------------------------------------------------------------------
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file or folder to the disk (folders: their entries, i.e. renames and new files in them)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms (Windows) cannot open folders; their renames are durable as far as they go
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a filesystem without fsync for directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder under ``folder`` (and ``folder`` itself) to the disk."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def tree_files(folder: str | os.PathLike) -> list[str]:
+    """The files under ``folder``, as sorted relative POSIX paths."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text or bytes to ``path`` through a flushed temporary sibling and a rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The pid keeps concurrent writers (e.g. two first-time corpus extractions) from sharing a temporary file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write JSON atomically, indented for people to read."""
+    return write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records) -> Path:
+    """Write one JSON record per line atomically."""
+    return write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# -- folders ---------------------------------------------------------------------------------------------------------
 
 
 def sibling(folder: str | os.PathLike, what: str) -> Path:
@@ -198,7 +272,7 @@ def _same_run(a: Path, b: Path) -> bool:
 def _leftovers(target: Path) -> bool:
     """Whether killed processes left anything around ``target`` that :func:`recover` would put right."""
     stage, old, new = sibling(target, STAGE), sibling(target, OLD), sibling(target, NEW)
-    return (stage.exists() or old.exists() or any(target.parent.glob(f".{target.name}.export-*"))
+    return (stage.exists() or _file_stage(target).exists() or old.exists()
             or (new.exists() and target.exists() and _same_run(new, target)))  # fmt: skip
 
 
@@ -230,22 +304,11 @@ def recover(target: str | os.PathLike) -> list[str]:
     if new.exists() and target.exists() and _same_run(new, target):
         remove_tree(new)
         done.append(f"removed {new}, the work folder of a run that had completed")
-    for legacy in target.parent.glob(f".{target.name}.export-*"):  # written by acip before these names existed
-        if legacy.is_dir() and not _alive(legacy.name.rsplit("-", 1)[-1]):
-            remove_tree(legacy)
-            done.append(f"removed {legacy}, left by a killed export")
+    if _file_stage(target).exists():
+        remove_tree(_file_stage(target))
+        done.append(f"removed {_file_stage(target)}, left by a killed write of {target.name}")
     return done
 
-
-def _alive(pid: str) -> bool:
-    """Whether the process ``pid`` (a string from a folder name) still runs."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fresh_stage(target: Path) -> Path:
@@ -274,75 +337,56 @@ def replaceable(folder: Path, overwrite: bool, name: str) -> None:
         )
 
 
-class RunFolder:
-    """The folders of one training run: ``result`` (what the user named), where the run lives until it is complete
-    (``result`` itself, or ``.NAME.acip-new`` while ``result`` holds a previous result), and the stage of its save."""
+def _file_stage(target: Path) -> Path:
+    """Where the next version of the file ``target`` is written (its suffix kept: some writers insist on it)."""
+    return target.parent / f"{sibling(target, STAGE).name}{target.suffix}"
 
-    def __init__(self, result: str | os.PathLike, record_file: str):
-        self.result = Path(os.path.abspath(result))
-        if self.result.is_symlink():  # swap at the real place; the link keeps pointing there
-            self.result = Path(os.path.realpath(self.result))
-        self.record_file = record_file
-        self.new = sibling(self.result, NEW)
 
-    @property
-    def work(self) -> Path:
-        """Where the run in progress lives (once :meth:`prepare` ran)."""
-        return self.new if self.new.exists() else self.result
+class Replacement:
+    """An output being replaced under its lock (see :func:`replacing`): what its check returned, and its stage."""
 
-    def check(self, resume: bool, overwrite: bool, name: str = "output_dir") -> Path:
-        """Where the run will live, or an error naming ``name`` when the folders do not allow this run."""
-        if resume:
-            return self._resumable(name)
-        if not self.new.exists():
-            replaceable(self.result, overwrite, name)
-            return self.new if self.result.exists() and any(self.result.iterdir()) else self.result
-        if not overwrite:
-            raise FileExistsError(
-                f"{name} {self.result} has an unfinished run in {self.new}; pass resume=True (--resume) to continue "
-                "it, or overwrite=True (--overwrite) to start anew"
-            )
-        replaceable(self.result, overwrite, name)
-        return self.new
+    def __init__(self, target: Path, checked, file: bool):
+        self.target, self.checked, self.file = target, checked, file
 
-    def _resumable(self, name: str) -> Path:
-        """The folder of the run to resume, or an error saying why there is none."""
-        work = self.work
-        kind = folder_record(work) if work.is_dir() else None
-        if kind is not None and kind != self.record_file:
-            raise ValueError(
-                f"cannot resume {name} {self.result}: it holds {KINDS[kind]}, not {KINDS[self.record_file]}; "
-                f"resume it with {COMMANDS[kind]} --resume"
-            )
-        if kind is None:
-            raise FileNotFoundError(f"nothing to resume in {name} {self.result}: no acip run was started there")
-        if latest_checkpoint(work) is None:
-            finished = (read_record(work, kind) or {}).get("finished")
-            why = "holds a finished run" if finished else "has no checkpoint yet (start it again with --overwrite)"
-            raise FileNotFoundError(f"nothing to resume in {name} {self.result}: it {why}")
-        return work
+    @contextmanager
+    def staged(self):
+        """A stage beside the output for the body to write the new version into (a fresh empty folder, or for a
+        file a path to write); when the body ends it is swapped in and the previous version removed, and when the
+        body fails it is removed and the output is as it was."""
+        if self.file:
+            stage = _file_stage(self.target)
+            remove_tree(stage)
+        else:
+            stage = fresh_stage(self.target)
+        try:
+            yield stage
+            if self.file:  # a file is replaced in one rename: flushed, renamed over the target, the folder flushed
+                fsync_path(stage)
+                os.replace(stage, self.target)
+                fsync_path(self.target.parent)
+            else:
+                previous = replace_folder(stage, self.target)
+                if previous is not None:
+                    remove_tree(previous)
+        except BaseException:
+            remove_tree(stage)
+            raise
 
-    def recorded_config(self, config_class):
-        """The settings of the run to resume here, as ``config_class``, or None when there is no such run."""
-        work = self.work
-        if not work.is_dir() or folder_record(work) != self.record_file:
-            return None
-        return config_from_record(config_class, read_record(work, self.record_file))
 
-    def prepare(self, work: Path, resume: bool) -> Path:
-        """Make ``work`` ready for the run (main process, once the inputs are loaded): a new run in
-        ``.NAME.acip-new`` replaces an unfinished one there."""
-        if work == self.new and not resume:
-            remove_tree(self.new)
-            print(f"{self.result} keeps its previous contents until this run is complete; the run's record, log and "
-                  f"checkpoints are in {self.new} meanwhile (--resume finds them there)", file=sys.stderr)  # fmt: skip
-        work.mkdir(parents=True, exist_ok=True)
-        fsync_path(work.parent)
-        return work
+@contextmanager
+def replacing(target: str | os.PathLike, name: str, check, *, file: bool = False, main: bool = True):
+    """Write a new version of the output ``target`` (a folder, or with ``file`` one file) by the output-folder
+    protocol: refuse at once when another process holds it; put right what killed processes left; ``check()`` (it
+    raises an error naming ``name`` when the output may not be written) before anything is written; hold the lock and
+    ``check()`` again (another process may have written meanwhile); the body then writes through
+    :meth:`Replacement.staged`. Yields the Replacement, whose ``checked`` is what the second ``check()`` returned.
 
-    def publish(self, stage: Path) -> None:
-        """Swap the complete ``stage`` in as the result and remove the previous result and the work folder."""
-        previous = replace_folder(stage, self.result)
-        if previous is not None:
-            remove_tree(previous)
-        remove_tree(self.new)
+    ``main``: False on the other processes of a multi-process run, which check but leave the folder to the main one.
+    """
+    target = Path(os.path.abspath(target))
+    if main:
+        check_not_busy(target, name)  # a run in progress there: say so before anything else
+        tidy(target, name)  # what killed processes left (only then is anything written)
+    check()  # refuse what can be refused before anything is written, the lock file included
+    with folder_lock(target, name) if main else nullcontext():
+        yield Replacement(target, check(), file)

@@ -24,40 +24,48 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from .checkpoints import (
-    latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, remove_checkpoints, restore_rng,
-    rng_tensors, save_checkpoint, truncate_log,
-)  # fmt: skip
 from .data import TrainBatches
 from .distributed import Processes
-from .files import tree_files, write_json
-from .folders import RunFolder, check_not_busy, check_output_dir, folder_lock, fresh_stage, remove_tree, tidy
-from .inputs import local_inputs
-from .records import changed_inputs, config_from_record, fingerprint, read_record
+from .folders import Replacement, check_output_dir, remove_tree, replacing, tree_files, write_json
+from .inputs import fingerprint
+from .runs import (
+    RunFolder, latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors, remove_checkpoints, restore_rng,
+    rng_tensors, save_checkpoint, truncate_log,
+)  # fmt: skip
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def option(default, help: str, choices=None):
+    """A field of a run config with its help text (and its choices): the command line makes one option of each
+    (acip.cli), and a run's record saves them all."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices is not None else {})})
 
 
 @dataclass
 class TrainingConfig:
     """The settings every training run has; the ACIP run and fine-tuning add their own (and their own defaults)."""
 
-    data: str = field(default="wiki-train", metadata={"help": "training text: a built-in corpus, a file, or hf:NAME[:CONFIG[:SPLIT]]"})
-    block_size: int = field(default=1024, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch (per process)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate, no weight decay"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    checkpoint_every: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and dropout"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in the backward pass: less memory, about a third more compute"})
-    distill_alpha: float = field(default=0.0, metadata={"help": "weight α of distillation from the dense base model: loss = (1-α)·CE + α·T²·KL(teacher‖student) (0: off)"})
-    distill_temperature: float = field(default=1.0, metadata={"help": "temperature T of the distillation term"})
-    compute_dtype: str = field(default="auto", metadata={"help": "dtype of the matrix products: auto (bfloat16 on CUDA and on CPUs with native bf16 units, else float32), float32 or bfloat16", "choices": COMPUTE_DTYPES})
+    data: str = option("wiki-train", "training text: a built-in corpus, a file, or hf:NAME[:CONFIG[:SPLIT]]")
+    block_size: int = option(1024, "tokens per training sequence")
+    batch_size: int = option(4, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "AdamW learning rate, no weight decay")
+    max_grad_norm: float = option(0.0, "clip the gradient norm to this (0: no clipping)")
+    lora_r: int = option(32, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    checkpoint_every: int = option(100, "optimizer steps between checkpoints (0: none)")
+    seed: int = option(0, "seed for data order, LoRA init and dropout")
+    gradient_checkpointing: bool = option(False, "recompute each decoder block's activations in the backward pass: "
+                                                 "less memory, about a third more compute")
+    distill_alpha: float = option(0.0, "weight α of distillation from the dense base model: loss = (1-α)·CE + "
+                                       "α·T²·KL(teacher‖student) (0: off)")
+    distill_temperature: float = option(1.0, "temperature T of the distillation term")
+    compute_dtype: str = option("auto", "dtype of the matrix products: auto (bfloat16 on CUDA and on CPUs with "
+                                        "native bf16 units, else float32), float32 or bfloat16",
+                                choices=COMPUTE_DTYPES)
 
     def validate(self) -> None:
         """Clear errors for settings a run cannot use."""
@@ -196,10 +204,11 @@ class Task:
 class TrainingLoop:
     """Trains a :class:`Task` to its end and saves the result, with checkpoints every ``config.checkpoint_every``."""
 
-    # Set by train(): the run's folders (None: a loop run by hand saves straight into output_dir), the run's identity
-    # (kept across checkpoints: a finished result and its leftover work folder are recognised by it) and the local
-    # inputs with their fingerprints (a resumed run must read the same ones).
+    # Set by train(): the run's folders and the output being replaced under its lock (None: a loop run by hand saves
+    # straight into output_dir), the run's identity (kept across checkpoints: a finished result and its leftover work
+    # folder are recognised by it) and the local inputs with their fingerprints (a resumed run must read the same).
     folder: RunFolder | None = None
+    output: Replacement | None = None
     run_info: dict | None = None
     inputs: dict | None = None
 
@@ -305,37 +314,33 @@ class TrainingLoop:
         main = self.runtime.processes.is_main
         if self.task.config.gradient_checkpointing:
             set_gradient_checkpointing(self.task.model, False)
-        if self.folder is None:
+        if self.output is None:
             result = self.task.save(self.output_dir if main else None)
             if main:
                 write_json(self.record_path, self.record(finished=True))
                 remove_checkpoints(self.output_dir)
-        else:
-            stage = fresh_stage(self.folder.result) if main else None
-            try:
+        elif main:
+            with self.output.staged() as stage:
                 result = self.task.save(stage)
-                if main:
-                    self._publish(stage)
-            except BaseException:
-                if stage is not None:
-                    remove_tree(stage)
-                raise
+                self._complete(stage)
+            remove_tree(self.folder.new)  # the work folder of a run over a previous result (gone with the swap else)
+        else:
+            result = self.task.save(None)
         self.runtime.processes.wait()
         return result
 
-    def _publish(self, stage: Path) -> None:
-        """Complete the stage (log, finished record listing every file) and swap it in as the result."""
+    def _complete(self, stage: Path) -> None:
+        """Complete the stage: the step log, and the finished record listing every file."""
         log = self.output_dir / self.task.log_file
         if log.exists():
             shutil.copy2(log, stage / log.name)
         record = self.record(finished=True)
         record["files"] = sorted({*tree_files(stage), self.task.record_file})
         write_json(stage / self.task.record_file, record)
-        self.folder.publish(stage)
 
     @torch.no_grad()
     def checkpoint(self) -> Path | None:
-        """Write everything a resumed run needs, atomically (acip.checkpoints); the main process writes, the others
+        """Write everything a resumed run needs, atomically (acip.runs); the main process writes, the others
         hold the same state and return None."""
         if not self.runtime.processes.is_main:
             return None
@@ -379,74 +384,21 @@ def train(build, config: TrainingConfig, output_dir, record_file: str, *, resume
     compare = [f.name for f in dataclasses.fields(config)] if compare is None else compare
 
     def settle():
-        """Every check of the run (read-only)."""
-        return _settled(config, folder, resume, overwrite, processes.world_size, compare, inputs)
+        """Every check of the run (read-only): the settings, the inputs and the folders."""
+        return folder.settle(config, resume, overwrite, processes.world_size, compare, inputs)
 
-    if main:
-        check_not_busy(folder.result, "output_dir")  # a run in progress there: say so before anything else
-        tidy(folder.result)  # what killed processes left (only then is anything written)
-    settle()  # refuse what can be refused before anything is written, the lock file included
-    with folder_lock(folder.result) if main else nullcontext():
-        config, paths, work = settle()  # again: another process may have changed the folder meanwhile
+    with replacing(folder.result, "output_dir", settle, main=main) as output:
+        config, paths, work = output.checked
         runtime = Runtime(processes, config.compute_dtype)
         task = build(config, runtime)
+        loop = TrainingLoop(task, work, runtime)  # packs the data: a text too short is refused before a folder is made
         if main:
             folder.prepare(work, resume)
         processes.wait()
-        loop = TrainingLoop(task, folder.work, runtime)
-        loop.folder, loop.inputs = folder, {name: {"path": p, "fingerprint": fingerprint(p)} for name, p in paths.items()}
+        loop.folder, loop.output = folder, output
+        loop.inputs = {name: {"path": p, "fingerprint": fingerprint(p)} for name, p in paths.items()}
         if resume:
             loop.resume()
         else:
             loop.begin()
         return loop.run()
-
-
-def _settled(config, folder: RunFolder, resume: bool, overwrite: bool, world_size: int, compare, inputs):
-    """Every check of a run before it starts: the settings (a resumed run's recorded ones), the inputs, and the
-    folders. Returns the settings, the local inputs (name -> absolute path) and the folder the run will live in."""
-    if resume:  # what the folder holds comes first: is there a run of this kind to resume?
-        work = folder.check(resume, overwrite)
-        config = resumed_settings(config, work / folder.record_file, resume, world_size, compare)
-    config.validate()
-    paths = local_inputs(inputs(config)) if inputs is not None else {}
-    check_output_dir(folder.result, paths)
-    if resume:
-        _same_inputs(work / folder.record_file, paths)
-    else:
-        work = folder.check(resume, overwrite)
-    return config, paths, work
-
-
-def _same_inputs(record_path: Path, paths: dict[str, str]) -> None:
-    """A ValueError listing each input (name -> local path) that differs from those the run started from."""
-    changes = changed_inputs((read_record(record_path.parent, record_path.name) or {}).get("inputs") or {}, paths)
-    if changes:
-        raise ValueError(f"cannot resume {record_path.parent}: its inputs changed:\n  " + "\n  ".join(changes)
-                         + "\nresume with the same inputs, or start a new run with --overwrite")  # fmt: skip
-
-
-def resumed_settings(config: TrainingConfig, record_path: Path, resume: bool, world_size: int,
-                     compare=()) -> TrainingConfig:  # fmt: skip
-    """The settings of a run about to start: a resumed run keeps those recorded (and its number of processes); each
-    field named in ``compare`` must equal the recorded one, or a ValueError lists every field that differs."""
-    if not (resume and record_path.exists()):
-        return config
-    record = json.loads(record_path.read_text())
-    started = record.get("processes", 1)
-    if started != world_size:
-        raise ValueError(
-            f"this run was started with {started} process(es) and is resumed with {world_size}: each step's global "
-            f"batch would change; resume with accelerate launch --num_processes {started}"
-        )
-    recorded = config_from_record(type(config), record)
-    plain = lambda value: json.loads(json.dumps(value))  # noqa: E731  (tuples and lists compare alike)
-    differing = [f"{name}: recorded {getattr(recorded, name)!r}, given {getattr(config, name)!r}" for name in compare
-                 if plain(getattr(config, name)) != plain(getattr(recorded, name))]  # fmt: skip
-    if differing:
-        raise ValueError(
-            f"cannot resume {record_path.parent} with other settings than it was started with:\n  "
-            + "\n  ".join(differing)
-            + "\nleave them out (or give the recorded values) to resume, or start a new run with --overwrite"
-        )
-    return recorded

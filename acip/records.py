@@ -4,12 +4,10 @@ the files it wrote.
 The ACIP run writes ``acip_run.json`` and ``run_log.jsonl``; fine-tuning writes ``finetune_run.json`` and
 ``finetune_log.jsonl`` (and copies the ACIP run's record, so that a model card can tell how the score map came about);
 an export writes ``acip_export.json``. A finished record lists every file of its folder (``files``): that is how acip
-recognises a folder it wrote, and the only kind of folder ``--overwrite`` replaces.
+recognises a folder it wrote, and the only kind of folder ``--overwrite`` replaces (a run still in progress: its
+record, its log and its checkpoints).
 """
 
-import dataclasses
-import fnmatch
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,12 +22,12 @@ EXPORT_FILE = "acip_export.json"
 KINDS = {EXPORT_FILE: "an export (acip export)", FINETUNE_FILE: "a fine-tuning run (acip finetune)",
          RUN_FILE: "an ACIP run (acip compress)"}  # fmt: skip
 COMMANDS = {EXPORT_FILE: "acip export", FINETUNE_FILE: "acip finetune", RUN_FILE: "acip compress"}
-# What acip may have added to a folder after it was written (acip eval's reports), and what a folder written before
-# records listed their files holds: a model, its tokenizer, the Hub files, logs, checkpoints, an adapter.
+# What acip may have added to a folder after it was written: acip eval's reports.
 ADDED_LATER = ("eval_perplexity.json", "eval_perplexity.csv", "eval_perplexity.png", "eval_efficiency.json",
                "eval_efficiency.csv", "eval_zeroshot.json")  # fmt: skip
-UNLISTED = ("*.json", "*.jsonl", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py", "README.md",
-            "checkpoints/*", "adapter/*")  # fmt: skip
+# A run in progress, whose record lists no files yet, has written its step log and its checkpoints (acip.runs).
+CHECKPOINTS = "checkpoints"
+IN_PROGRESS = {RUN_FILE: RUN_LOG, FINETUNE_FILE: FINETUNE_LOG}
 
 
 def read_record(folder: str | os.PathLike, name: str) -> dict | None:
@@ -60,13 +58,8 @@ def foreign_files(folder: str | os.PathLike) -> list[str]:
     if isinstance(listed, list):
         known = set(listed) | set(ADDED_LATER) | set(KINDS)
         return [f for f in files if f not in known]
-    return [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in UNLISTED)]
-
-
-def config_from_record(config_class, record: dict):
-    """The settings a run record holds, as ``config_class`` (fields it does not know are left out)."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{name: value for name, value in record["config"].items() if name in known})
+    known = {name, IN_PROGRESS.get(name), *ADDED_LATER}
+    return [f for f in files if f not in known and not f.startswith(f"{CHECKPOINTS}/")]
 
 
 def recorded_base_model(model_dir: str | os.PathLike) -> str:
@@ -75,36 +68,3 @@ def recorded_base_model(model_dir: str | os.PathLike) -> str:
     if record is None:
         raise FileNotFoundError(f"{model_dir} has no {RUN_FILE}; name the base model (base_model=... / --base-model)")
     return record["config"]["base_model"]
-
-
-def fingerprint(path: str | os.PathLike) -> dict:
-    """What identifies the contents of an input file or model folder cheaply: the SHA-256 of small files (config.json,
-    text files up to 64 MiB), the size and modification time of large ones (weights)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if path.is_dir():  # a model folder: its config and weights define it (a report written into it does not)
-        files = [p for p in files if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
-    seen = {}
-    for file in files:
-        stat = file.stat()
-        key = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        if stat.st_size <= 64 * 2**20:
-            seen[key] = hashlib.sha256(file.read_bytes()).hexdigest()
-        else:
-            seen[key] = f"{stat.st_size} bytes, modified {stat.st_mtime_ns}"
-    return seen
-
-
-def changed_inputs(recorded: dict, inputs: dict[str, str]) -> list[str]:
-    """For each input of ``inputs`` (name -> local path) that differs from the run record's ``inputs``: what
-    differs, in words. Inputs the record does not name (older records, Hub names) are not compared."""
-    changes = []
-    for name, path in inputs.items():
-        then = recorded.get(name)
-        if then is None:
-            continue
-        if os.path.abspath(path) != then["path"]:
-            changes.append(f"{name}: the run started from {then['path']}, given {os.path.abspath(path)}")
-        elif fingerprint(path) != then["fingerprint"]:
-            changes.append(f"{name}: {path} changed since the run started (its files differ)")
-    return changes

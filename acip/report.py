@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import write_atomically, write_json
+from .folders import write_atomically, write_json
 
 REPORT_STEM = "eval_perplexity"  # eval_perplexity.json / .csv / .png, next to the model
 DENSE = "dense base model"

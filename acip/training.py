@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,8 @@ from .hub.configuration_acip import BASES
 from .hub.modeling_acip import ACIPModel, pruning_plan
 from .hub.parametrization import FactorCorrection
 from .hub.pruning import RANK_COSTS, check_rank_cost, rank_cost
-from .inputs import check_data_source, check_model_source
-from .loop import Task, TrainingConfig, set_gradient_checkpointing, train
+from .inputs import check_data_source, check_model_source, check_positions
+from .loop import Task, TrainingConfig, option, set_gradient_checkpointing, train
 from .objective import ACIPObjective, teacher_logits
 from .records import RUN_FILE, RUN_LOG
 
@@ -49,29 +49,54 @@ POST_TUNE_LR_SCHEDULES = ("constant", "cosine")
 class ACIPRunConfig(TrainingConfig):
     """Everything an ACIP run depends on; saved next to the result, so a run can be resumed and reproduced."""
 
-    base_model: str = field(default=DEFAULT_MODEL, metadata={"help": "base causal LM: 'smollm2' (embedded) or a path/Hub name"})
-    lambda_init: float = field(default=1e-3, metadata={"help": "initial weight λ of the L1 penalty on relu(mask)"})
-    lambda_growth: float = field(default=1.01, metadata={"help": "λ is multiplied by this factor ..."})
-    lambda_every: int = field(default=4, metadata={"help": "... every this many steps"})
-    lambda_schedule: str = field(default="exponential", metadata={"help": "exponential: λ grows every lambda_every steps (the paper's); paced: it grows only while the size ratio is above a line from 1 to stop_ratio over pruning_steps steps, so that the model shrinks at an even pace", "choices": LAMBDA_SCHEDULES})
-    pruning_steps: int = field(default=0, metadata={"help": "paced λ schedule: the steps in which the size ratio should reach stop_ratio"})
-    stop_ratio: float = field(default=0.4, metadata={"help": "stop pruning once the size ratio of the parametrized layers reaches this, in (0, 1)"})
-    post_tune_steps: int = field(default=1000, metadata={"help": "LoRA-only steps with frozen masks after the stop ratio"})
-    post_tune_sizes: str = field(default="stop", metadata={"help": "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any (each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])"})
-    post_tune_lr_schedule: str = field(default="constant", metadata={"help": "learning rate of the post-tune steps: constant (lr, the paper's) or cosine (from lr down to 0 over the post-tune steps)", "choices": POST_TUNE_LR_SCHEDULES})
-    post_tune_stop_share: float = field(default=0.0, metadata={"help": "with post_tune_sizes any or LOW:HIGH: the share of post-tune steps taken at the stop ratio, the rest at drawn sizes (the smallest size gains most from tuning)"})
-    correction_ramp: float = field(default=0.0, metadata={"help": "0: LoRA is merged into the factors and serves every size at full strength (the paper's); > 0: a layer applies its LoRA with strength min(1, f / correction_ramp), f the share of its ranks pruned, so a layer kept whole is the base model's layer"})
-    post_tune_factors_lr: float = field(default=0.0, metadata={"help": "> 0: post-tuning also trains the factors of the ranks each step's size keeps, at this learning rate (nested consolidation); 0: LoRA only"})
-    max_steps: int = field(default=20000, metadata={"help": "give up pruning after this many steps (the run still saves)"})
-    mask_constant: float = field(default=2e-2, metadata={"help": "initial (and live) mask value c"})
-    target_modules: str | list[str] = field(default="all-linear", metadata={"help": "linear layers to parametrize (peft convention)"})
-    exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "linear layers to leave dense"})
-    basis: str = field(default="whitened", metadata={"help": "singular basis the masks act on: whitened (SVD of W·L, L Lᵀ the Gram matrix of the layer's calibration inputs; benchmarks/basis.py: 0.15-0.72x the perplexity) or weight (SVD of W, the paper's)", "choices": BASES})
-    calibration_data: str | None = field(default=None, metadata={"help": "text whose activations whiten the basis (basis whitened); default: the training data"})
-    calibration_blocks: int = field(default=32, metadata={"help": "sequences of calibration text (basis whitened)"})
-    calibration_block_size: int = field(default=256, metadata={"help": "tokens per calibration sequence (basis whitened)"})
-    rank_cost: str = field(default="aligned", metadata={"help": "what a layer of rank r costs, and so what a size ratio means: aligned r·(in + out − r), stored gauge-aligned, or factors r·(in + out), the original implementation's", "choices": RANK_COSTS})
-    device_map: str | None = field(default=None, metadata={"help": "spread the base model over every visible GPU (one process; for models larger than one GPU)", "choices": DEVICE_MAPS})
+    base_model: str = option(DEFAULT_MODEL, "base causal LM: 'smollm2' (embedded) or a path/Hub name")
+    lambda_init: float = option(1e-3, "initial weight λ of the L1 penalty on relu(mask)")
+    lambda_growth: float = option(1.01, "λ is multiplied by this factor ...")
+    lambda_every: int = option(4, "... every this many steps")
+    lambda_schedule: str = option("exponential", "exponential: λ grows every lambda_every steps (the paper's); "
+                                                 "paced: it grows only while the size ratio is above a line from 1 "
+                                                 "to stop_ratio over pruning_steps steps, so that the model shrinks "
+                                                 "at an even pace",
+                                  choices=LAMBDA_SCHEDULES)
+    pruning_steps: int = option(0, "paced λ schedule: the steps in which the size ratio should reach stop_ratio")
+    stop_ratio: float = option(0.4, "stop pruning once the size ratio of the parametrized layers reaches this, in "
+                                    "(0, 1)")
+    post_tune_steps: int = option(1000, "LoRA-only steps with frozen masks after the stop ratio")
+    post_tune_sizes: str = option("stop", "sizes LoRA is post-tuned at: stop (the stop ratio, the paper's), any "
+                                          "(each step prunes to a ratio drawn uniformly from [stop ratio, 1], so the "
+                                          "adapters serve every size) or LOW:HIGH (drawn from [LOW, HIGH])")
+    post_tune_lr_schedule: str = option("constant", "learning rate of the post-tune steps: constant (lr, the "
+                                                    "paper's) or cosine (from lr down to 0 over the post-tune steps)",
+                                        choices=POST_TUNE_LR_SCHEDULES)
+    post_tune_stop_share: float = option(0.0, "with post_tune_sizes any or LOW:HIGH: the share of post-tune steps "
+                                              "taken at the stop ratio, the rest at drawn sizes (the smallest size "
+                                              "gains most from tuning)")
+    correction_ramp: float = option(0.0, "0: LoRA is merged into the factors and serves every size at full strength "
+                                         "(the paper's); > 0: a layer applies its LoRA with strength min(1, f / "
+                                         "correction_ramp), f the share of its ranks pruned, so a layer kept whole "
+                                         "is the base model's layer")
+    post_tune_factors_lr: float = option(0.0, "> 0: post-tuning also trains the factors of the ranks each step's "
+                                              "size keeps, at this learning rate (nested consolidation); 0: LoRA "
+                                              "only")
+    max_steps: int = option(20000, "give up pruning after this many steps (the run still saves)")
+    mask_constant: float = option(2e-2, "initial (and live) mask value c")
+    target_modules: str | list[str] = option("all-linear", "linear layers to parametrize (peft convention)")
+    exclude_modules: str | list[str] | None = option(None, "linear layers to leave dense")
+    basis: str = option("whitened", "singular basis the masks act on: whitened (SVD of W·L, L Lᵀ the Gram matrix of "
+                                    "the layer's calibration inputs; benchmarks/basis.py: 0.15-0.72x the perplexity) "
+                                    "or weight (SVD of W, the paper's)",
+                        choices=BASES)
+    calibration_data: str | None = option(None, "text whose activations whiten the basis (basis whitened); default: "
+                                                "the training data")
+    calibration_blocks: int = option(32, "sequences of calibration text (basis whitened)")
+    calibration_block_size: int = option(256, "tokens per calibration sequence (basis whitened)")
+    rank_cost: str = option("aligned", "what a layer of rank r costs, and so what a size ratio means: aligned r·(in "
+                                       "+ out − r), stored gauge-aligned, or factors r·(in + out), the original "
+                                       "implementation's",
+                            choices=RANK_COSTS)
+    device_map: str | None = option(None, "spread the base model over every visible GPU (one process; for models "
+                                          "larger than one GPU)",
+                                    choices=DEVICE_MAPS)
 
     def validate(self) -> None:
         """Clear errors for settings the run cannot use."""
@@ -166,9 +191,9 @@ class ACIPTask(Task):
 
     record_file, log_file = RUN_FILE, RUN_LOG
     # Pruning and post-tune steps compute each layer's ranks rounded up to this multiple (the extra ones dead or
-    # masked): with exact ranks almost every step has new shapes, which bf16 on the CPU (oneDNN) compiles anew, ~1 ms
-    # each; on SmolLM2 that made the late pruning steps 2x as slow as the first, and a post-tune step at a drawn size
-    # 1.8x a masked full-rank one (0.7-0.9x with 64; this machine, 2026-12-06).
+    # masked): with exact ranks almost every step has new shapes, which bf16 on the CPU (oneDNN) compiles anew each
+    # time (docs/quality.md, "Against the targets of issue 16", "Same compute", measures what that cost and what the
+    # multiple saves).
     shape_multiple = 64
 
     def __init__(self, config: ACIPRunConfig, runtime, base_model=None, tokenizer=None):
@@ -461,6 +486,9 @@ def run_acip(config: ACIPRunConfig, output_dir, *, resume=False, overwrite=False
         check_data_source("data", config.data)
         if config.basis == "whitened" and config.calibration_data is not None:
             check_data_source("calibration_data", config.calibration_data)
+        lengths = {"block_size": config.block_size, **({"calibration_block_size": config.calibration_block_size}
+                                                       if config.basis == "whitened" else {})}  # fmt: skip
+        check_positions("base_model", config.base_model if base_model is None else base_model, lengths)
         named = {"data": config.data, "calibration_data": config.calibration_data}
         return {**named, "base_model": config.base_model} if base_model is None else named
 

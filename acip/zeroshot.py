@@ -22,7 +22,8 @@ try:
 except ImportError as error:  # an optional extra: say how to get it
     raise ImportError("zero-shot evaluation needs lm-eval: pip install 'acip[eval]' (or lm-eval>=0.4)") from error
 
-from .evaluation import check_ratios, pruning_restored
+from .evaluation import pruning_restored
+from .sizes import check_ratios
 from .hub.modeling_acip import ACIPModel
 
 

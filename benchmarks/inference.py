@@ -2,7 +2,7 @@
 torch.compile, at size ratios 0.8, 0.6 and 0.4, in float32 and bfloat16.
 
 Every configuration is saved once in its dtype (dense = the ACIP model compressed at ratio 1.0: the base model's
-shapes) and measured in a fresh process (acip.efficiency.measure_inference): greedy decode tokens/s at batch 1 and 8
+shapes) and measured in a fresh process (measure_inference, below): greedy decode tokens/s at batch 1 and 8
 (generate, KV cache, prompt of 16 tokens), prefill tokens/s at 256 and 1024 tokens (one forward pass), resident
 memory the model adds after decoding at batch 1 (its tensors, heap and checkpoint pages: "RSS"; and what the
 process's resident set grew by, which also holds ~30 MiB of library code that the first matmuls page in whatever the
@@ -27,21 +27,155 @@ than its unfused (compressed) form.
 """
 
 import argparse
+import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from acip import ACIPModel
-from acip.efficiency import build_inference_packages, measure_inference_in_subprocess
+from acip.efficiency import added_mib, best_time, decode_rate, resident
 
 RATIOS = (0.8, 0.6, 0.4)
 DTYPES = ("float32", "bfloat16")
 COLUMNS = (("decode_b1", "decode b1 t/s"), ("decode_b8", "decode b8 t/s"), ("prefill_256", "prefill 256 t/s"),
            ("prefill_1024", "prefill 1024 t/s"), ("rss_mib", "RSS MiB"), ("process_rss_mib", "process RSS MiB"),
            ("first_calls_s", "first calls s"))  # fmt: skip
+
+
+PROMPT = 16  # tokens of the prompt that decoding starts from
+
+# How the compiled rows compile, per device. CPU: weights frozen into the graph as constants (inductor prepacks them
+# for MKL) and the graph's wrapper generated as C++ rather than Python; both target what a batch-1 decode step costs
+# besides reading the weights (docs/inference.md, "Compiled for the CPU", measures each). CUDA: CUDA graphs, the usual
+# cure for per-kernel launch costs with a static cache.
+COMPILE_OPTIONS = {"cpu": {"options": {"freezing": True, "cpp_wrapper": True}}, "cuda": {"mode": "reduce-overhead"}}
+
+
+@torch.inference_mode()
+def measure_inference(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
+                      new_tokens: int = 32, batches: Sequence[int] = (1, 8), prompts: Sequence[int] = (256, 1024),
+                      best_of: int = 2) -> dict:  # fmt: skip
+    """Load a saved ACIP model in ``dtype`` (as saved: dense, compressed or fused) and measure it in this process:
+    greedy decode tokens/s per batch size (generated tokens of all sequences / s, prompt excluded), prefill tokens/s
+    per prompt length (one forward pass, last logits only, as generate() runs it), resident memory the model adds
+    (after decoding at the first batch size), and the seconds of the first calls (compilation, for ``compile``).
+    Each timing is the best of ``best_of``.
+
+    ``compile``: ``model.forward = torch.compile(model.forward, **COMPILE_OPTIONS[device type])`` (a fused model
+    laid out contiguous first), and decoding with a static KV cache of one fixed length, so each shape compiles
+    once."""
+    gc.collect()
+    before = resident(folder)
+    model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    device = next(model.parameters()).device
+    if compile:
+        if model.config.fused_groups:
+            model.fuse(layout="contiguous")  # inductor runs the input-major layout at half the speed
+        model.forward = torch.compile(model.forward, **COMPILE_OPTIONS.get(device.type, {}))
+    ids = torch.randint(model.config.text_config.vocab_size, (max(batches), max(prompts)), device=device,
+                        generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    cache = dict(cache_implementation="static", max_cache_len=PROMPT + new_tokens) if compile else {}
+
+    def generate(batch: int, n: int):
+        return model.generate(ids[:batch, :PROMPT], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, **cache)  # fmt: skip
+
+    figures = {"first_calls_s": 0.0}
+    for batch in batches:
+        start = time.perf_counter()  # first calls: one-off costs (compilation, kernel selection, allocator growth)
+        generate(batch, 2)
+        figures["first_calls_s"] += time.perf_counter() - start
+        figures[f"decode_b{batch}"] = decode_rate(lambda n: generate(batch, n), batch, new_tokens, best_of)
+        if batch == batches[0]:  # the model as a chat user runs it: weights (all read by now) and a small cache
+            figures["rss_mib"], figures["process_rss_mib"] = added_mib(before, folder)
+    for length in prompts:
+        start = time.perf_counter()
+        model(ids[:1, :length], logits_to_keep=1)
+        figures["first_calls_s"] += time.perf_counter() - start
+        figures[f"prefill_{length}"] = length / best_time(lambda: model(ids[:1, :length], logits_to_keep=1), best_of)
+    figures["params"] = model.get_num_params(full=True)
+    return figures
+
+
+def build_inference_packages(folder: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
+                             new_tokens: int = 32, batches: Sequence[int] = (1, 8),
+                             prompts: Sequence[int] = (256, 1024)) -> Path:  # fmt: skip
+    """Compile the saved model in ``folder`` ahead of time (:func:`acip.aot.build_package`) into the packages
+    :func:`measure_packages` runs, in ``out``: one per decode batch size (cache: prompt + ``new_tokens``) and one per
+    prefill length (batch 1, cache: that length). Minutes each."""
+    from acip.aot import build_package
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = ACIPModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    for batch in batches:
+        build_package(model, out / f"decode_b{batch}.pt2", batch_size=batch, max_cache_len=PROMPT + new_tokens)
+    for length in prompts:
+        # a cache of exactly the prompt: attention reads every slot of a static cache, so a longer cache would make
+        # a prefill attend over more keys than eager prefill does (docs/inference.md, "Prefill packages sized...")
+        build_package(model, out / f"prefill_{length}.pt2", batch_size=1, max_cache_len=length)
+    return out
+
+
+@torch.inference_mode()
+def measure_packages(folder: str | os.PathLike, new_tokens: int = 32, batches: Sequence[int] = (1, 8),
+                     prompts: Sequence[int] = (256, 1024), best_of: int = 2) -> dict:  # fmt: skip
+    """:func:`measure_inference`'s figures for the packages :func:`build_inference_packages` wrote to ``folder``,
+    run by :class:`acip.aot.PackagedLM` (its greedy loop instead of ``generate``); first calls = loading them."""
+    from acip.aot import PackagedLM
+
+    folder = Path(folder)
+    gc.collect()
+    before = resident(folder)
+    figures = {"first_calls_s": 0.0}
+
+    for batch in batches:
+        start = time.perf_counter()
+        lm = PackagedLM(folder / f"decode_b{batch}.pt2")
+        ids = torch.randint(lm.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
+        lm.generate(ids, 2)
+        figures["first_calls_s"] += time.perf_counter() - start
+        figures[f"decode_b{batch}"] = decode_rate(lambda n: lm.generate(ids, n), batch, new_tokens, best_of)
+        if batch == batches[0]:
+            figures["rss_mib"], figures["process_rss_mib"] = added_mib(before, folder)
+        lm = None  # unloaded before the next is loaded
+        gc.collect()
+    for length in prompts:
+        start = time.perf_counter()
+        lm = PackagedLM(folder / f"prefill_{length}.pt2")
+        ids = torch.randint(lm.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        lm(ids)
+        figures["first_calls_s"] += time.perf_counter() - start
+        figures[f"prefill_{length}"] = length / best_time(lambda: lm(ids), best_of)
+        lm = None  # unloaded before the next is loaded
+        gc.collect()
+    figures["params"] = 0  # not known from a package (the folder's model has them)
+    return figures
+
+
+def measure_inference_in_subprocess(folder: str | os.PathLike, dtype: str = "float32", compile: bool = False,
+                                    threads: int | None = None, new_tokens: int = 32, package: bool = False) -> dict:
+    """:func:`measure_inference` (or with ``package``, :func:`measure_packages` on the packages in ``folder``) in a
+    fresh interpreter (own memory, own compile state), with ``threads`` torch threads (None: torch's default)."""
+    command = [sys.executable, __file__, "--measure", str(folder), "--dtype", dtype, "--new-tokens", str(new_tokens)]
+    command += ["--compile"] * compile + ["--package"] * package
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {folder} ({dtype}, compile={compile}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def build_source(folder: Path) -> Path:
@@ -85,7 +219,7 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
 
 def with_compiled(configurations: list[dict], dtypes) -> list[dict]:
     """The configurations plus, after each dense and each plain fused one in ``dtypes``, the same folder measured
-    compiled (acip.efficiency.COMPILE_OPTIONS): the compiled dense row is what a compiled fused row competes with."""
+    compiled (COMPILE_OPTIONS): the compiled dense row is what a compiled fused row competes with."""
     out = []
     for c in configurations:
         out.append(c)
@@ -130,6 +264,7 @@ def summarize(configurations: list[dict], runs: list[list[dict]]) -> str:
 
 
 def main() -> None:
+    """The benchmark (or, with --measure, one measurement of it in this process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="a saved ACIP model (default: whitened SmolLM2, untrained)")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
@@ -142,7 +277,19 @@ def main() -> None:
     parser.add_argument("--package-dtypes", nargs="*", default=["float32"], choices=DTYPES,
                         help="dtypes with ahead-of-time compiled dense and fused rows (acip.aot; minutes per package)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
+    parser.add_argument("--measure", metavar="FOLDER", default=None, help="what the benchmark runs in a fresh process: "
+                        "measure the saved form in FOLDER here and print its figures as one JSON line")  # fmt: skip
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="--measure: the dtype to load in")
+    parser.add_argument("--compile", action="store_true", help="--measure: under torch.compile")
+    parser.add_argument("--package", action="store_true", help="--measure: FOLDER holds build_inference_packages'")
     args = parser.parse_args()
+    if args.measure is not None:
+        if args.package:
+            figures = measure_packages(args.measure, new_tokens=args.new_tokens)
+        else:
+            figures = measure_inference(args.measure, args.dtype, args.compile, new_tokens=args.new_tokens)
+        print(json.dumps(figures))
+        return
 
     with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")

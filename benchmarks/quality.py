@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from acip import preset, run_acip
-from acip.checkpoints import latest_checkpoint
+from acip.runs import latest_checkpoint
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
 from acip.finetune import FinetuneConfig, finetune
 from acip.records import RUN_FILE

@@ -21,7 +21,8 @@ def test_package_decodes_what_the_model_decodes(tmp_path, kind, dtype):
     before = copy.deepcopy(model.state_dict())
     layouts = {n: getattr(m, "layout", None) for n, m in model.model.named_modules()}
     path = build_package(model, tmp_path / "model.pt2", batch_size=2, max_cache_len=24)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # nothing left beside it
+    # nothing left beside it but the lock file, as beside every output of acip (acip.folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pt2.acip-lock", "model.pt2"]
     # the model is as it was: weights, layout, generation settings
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert layouts == {n: getattr(m, "layout", None) for n, m in model.model.named_modules()}

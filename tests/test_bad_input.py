@@ -1,11 +1,14 @@
-"""Bad input to the public API and the command line (compress, eval, finetune, export): each case is refused with an
-error of the expected type whose message names the argument, and nothing changes: neither the model given nor any
-file of any folder involved (every folder of the test's tree is listed and hashed before and after)."""
+"""Bad input to the public API (run_acip, finetune, export_model) and to every command of the command line (compress,
+finetune, eval, export, package): each case is refused, by the API with an error of the expected type whose message
+names the argument, by the command with that message as one line on stderr and exit status 2 (1 for a failure at
+run time: a folder another process holds), and nothing changes: neither the model given nor any file of any folder
+involved (every folder of the test's tree is listed and hashed before and after)."""
 
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import types
 
@@ -53,6 +56,9 @@ def env(tmp_path_factory):
     (root / "user" / "sub").mkdir(parents=True)
     (root / "user" / "notes.txt").write_text("the user's notes")
     (root / "user" / "sub" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
+    (root / "mine.pt2").write_bytes(b"the user's package")
+    (root / "empty.txt").write_text("")
+    (root / "blank.txt").write_text(" \n\n\t \n")
     run_config = ACIPRunConfig(**RUN, data=words, base_model=str(base_dir))
     tune_config = FinetuneConfig(**TUNE, data=words)
     tiny = {"base_model": tiny_base_model(), "tokenizer": tiny_tokenizer()}
@@ -123,6 +129,33 @@ def compress_no_batch(env):
 @case(FileNotFoundError, "data: no such file")
 def compress_missing_data_file(env):
     compress(env, env.root / "new", data=str(env.root / "missing.txt"))
+
+
+@case(ValueError, "data: .*empty.txt' holds no text")
+def compress_empty_data_file(env):
+    compress(env, env.root / "new", data=str(env.root / "empty.txt"))
+
+
+@case(ValueError, r"data: .*\*.txt' holds no text \(all 2 files are empty or blank\)")
+def compress_blank_data_files(env):
+    (env.root / "texts").mkdir()
+    for name in ("empty.txt", "blank.txt"):
+        shutil.copy(env.root / name, env.root / "texts" / name)
+    try:
+        compress(env, env.root / "new", data=str(env.root / "texts" / "*.txt"))
+    finally:
+        shutil.rmtree(env.root / "texts")
+
+
+@case(ValueError, r"block_size must be at most the max_position_embeddings of base_model \(LlamaForCausalLM\) "
+                  r"\(128\), got 4096")
+def compress_sequences_beyond_the_models_positions(env):
+    compress(env, env.root / "new", block_size=4096)
+
+
+@case(ValueError, "calibration_block_size must be at most the max_position_embeddings of base_model")
+def compress_calibration_beyond_the_models_positions(env):
+    compress(env, env.root / "new", basis="whitened", calibration_block_size=129)
 
 
 @case(FileNotFoundError, "calibration_data")
@@ -254,6 +287,26 @@ def finetune_compressed_with_ratio(env):
     tune(env, env.root / "compressed", env.root / "new")
 
 
+@case(ValueError, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model")
+def finetune_a_plain_model(env):
+    tune(env, env.base, env.root / "new")
+
+
+@case(ValueError, r"block_size must be at most the max_position_embeddings of model_dir .*acip \(128\), got 200")
+def finetune_sequences_beyond_the_models_positions(env):
+    tune(env, env.acip, env.root / "new", block_size=200)
+
+
+@case(ValueError, r"eval_block_size must be at most the max_position_embeddings of model_dir .*acip \(128\)")
+def finetune_held_out_windows_beyond_the_models_positions(env):
+    tune(env, env.acip, env.root / "new", eval_blocks=2)  # eval_block_size: 512 by default
+
+
+@case(ValueError, "data: .*blank.txt' holds no text")
+def finetune_blank_data_file(env):
+    tune(env, env.acip, env.root / "new", data=str(env.root / "blank.txt"))
+
+
 @case(ValueError, "save='merged' cannot be combined with quantize")
 def finetune_merged_and_quantized(env):
     tune(env, env.acip, env.root / "new", quantize="nf4")
@@ -346,9 +399,14 @@ def export_missing_model(env):
     export(env, env.root / "missing", env.root / "new")
 
 
-@case(ValueError, "model_dir .* is already compressed; export it without ratio")
+@case(ValueError, "model_dir .* is already compressed; leave out ratio")
 def export_compressed_with_ratio(env):
     export(env, env.root / "compressed", env.root / "new", ratio=0.5)
+
+
+@case(ValueError, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model")
+def export_a_plain_model(env):
+    export(env, env.base, env.root / "new")
 
 
 @case(ValueError, "license is needed")
@@ -361,61 +419,160 @@ def export_into_a_file(env):
     export(env, env.acip, env.words)
 
 
-# -- the command line ----------------------------------------------------------------------------------------------
+# -- the command line: every subcommand ----------------------------------------------------------------------------
+
+CLI_CASES = []
 
 
-@case(ValueError, "output_dir must be a folder of its own, not the current folder")
+def cli_case(status: int, match: str):
+    """Register a case of the command line: calling it must end the command with exit status ``status`` and one
+    error line ``acip COMMAND: error: ...`` on stderr that matches ``match``, without a traceback."""
+
+    def register(call):
+        CLI_CASES.append(pytest.param(call, status, match, id=call.__name__))
+        return call
+
+    return register
+
+
+@cli_case(2, "output_dir must be a folder of its own, not the current folder")
 def cli_compress_overwriting_the_current_folder(env):
     os.chdir(env.root / "user")  # issue 14: this deleted every file of the current folder, then failed
     main(["compress", "--preset", "quick", "--base-model", "/nonexistent", "--output-dir", ".", "--overwrite"])
 
 
-@case(FileNotFoundError, "base_model: no such folder '/nonexistent'")
+@cli_case(2, "base_model: no such folder '/nonexistent'")
 def cli_compress_overwriting_with_a_missing_base_model(env):
     main(["compress", "--base-model", "/nonexistent", "--output-dir", str(env.root / "user"), "--overwrite"])
 
 
-@case(ValueError, r"other settings.*\n  stop_ratio: recorded 0.5, given 0.2\nleave them out")
+@cli_case(2, "data: no such file .*nope.txt")
+def cli_compress_missing_data_file(env):
+    main(["compress", "--base-model", str(env.base), "--data", "nope.txt", "--output-dir", str(env.root / "new")])
+
+
+@cli_case(2, "data: .*empty.txt' holds no text")
+def cli_compress_empty_data_file(env):
+    main(["compress", "--base-model", str(env.base), "--data", str(env.root / "empty.txt"), "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
+@cli_case(2, r"block_size must be at most the max_position_embeddings of base_model .*base \(128\), got 4096")
+def cli_compress_sequences_beyond_the_models_positions(env):
+    main(["compress", "--base-model", str(env.base), "--data", env.words, "--block-size", "4096", "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
+@cli_case(2, r"stop_ratio must be in \(0, 1\), got 1.5")
+def cli_compress_stop_ratio_out_of_range(env):
+    main(["compress", "--base-model", str(env.base), "--data", env.words, "--stop-ratio", "1.5", "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
+@cli_case(2, r"argument --stop-ratio: invalid float value: 'half'")
+def cli_compress_stop_ratio_not_a_number(env):
+    main(["compress", "--stop-ratio", "half", "--output-dir", str(env.root / "new")])
+
+
+@cli_case(2, r"the following arguments are required: --output-dir")
+def cli_compress_without_output_dir(env):
+    main(["compress", "--preset", "quick"])
+
+
+@cli_case(2, r"other settings.*\n  stop_ratio: recorded 0.5, given 0.2\nleave them out")
 def cli_compress_resuming_with_another_stop_ratio(env):
     main(["compress", "--output-dir", str(env.root / "run"), "--resume", "--stop-ratio", "0.2"])
 
 
-@case(ValueError, "model_dir: the run started from")
+@cli_case(1, r"output_dir .*run is in use by process \d+")
+def cli_compress_into_a_busy_folder(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.root / "run"):
+        main(["compress", "--output-dir", str(env.root / "run"), "--resume"])
+
+
+@cli_case(2, r"ratio must be in \(0, 1\].*got 1.5")
+def cli_finetune_ratio_out_of_range(env):
+    main(["finetune", str(env.acip), "--ratio", "1.5", "--output-dir", str(env.root / "new")])
+
+
+@cli_case(2, "prunable ACIP model: give the size ratio")
+def cli_finetune_prunable_without_ratio(env):
+    main(["finetune", str(env.acip), "--output-dir", str(env.root / "new"), "--data", env.words])
+
+
+@cli_case(2, "data: .*blank.txt' holds no text")
+def cli_finetune_blank_data_file(env):
+    main(["finetune", str(env.acip), "--ratio", "0.5", "--data", str(env.root / "blank.txt"), "--output-dir",
+          str(env.root / "new")])  # fmt: skip
+
+
+@cli_case(2, r"inputs changed:\n  model_dir: the run started from .*tuned_from, given .*other\nresume with")
 def cli_finetune_resuming_with_another_model(env):
     main(["finetune", str(env.root / "other"), "--output-dir", str(env.root / "tuning"), "--resume"])
 
 
-@case(ValueError, "holds an ACIP run .*not a fine-tuning run")
+@cli_case(2, "holds an ACIP run .*not a fine-tuning run")
 def cli_finetune_resuming_an_acip_run(env):
     main(["finetune", str(env.acip), "--output-dir", str(env.root / "run"), "--resume"])
 
 
-@case(ValueError, r"ratios must be in \(0, 1\]")
+@cli_case(2, "unrecognized arguments: --target-modules")
+def cli_finetune_former_option_name(env):
+    main(["finetune", str(env.acip), "--ratio", "0.5", "--output-dir", str(env.root / "new"), "--target-modules",
+          "all-linear"])  # fmt: skip
+
+
+@cli_case(2, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model .*base")
+def cli_finetune_a_plain_model(env):
+    main(["finetune", str(env.base), "--ratio", "0.5", "--output-dir", str(env.root / "new")])
+
+
+@cli_case(1, "model_dir .*tuned_from is in use by process")
+def cli_finetune_a_model_being_written(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.root / "tuned_from"):
+        main(["finetune", str(env.root / "tuned_from"), "--ratio", "0.5", "--output-dir", str(env.root / "new")])
+
+
+@cli_case(2, r"ratios must be in \(0, 1\]")
 def cli_eval_ratio_out_of_range(env):
     main(["eval", str(env.acip), "--ratios", "0.5", "1.5"])
 
 
-@case(FileNotFoundError, "model_dir: no such folder")
+@cli_case(2, "model_dir: no such folder")
 def cli_eval_missing_model(env):
     main(["eval", str(env.root / "missing"), "--ratios", "0.5"])
 
 
-@case(FileNotFoundError, "data: no such file")
+@cli_case(2, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model .*base")
+def cli_eval_a_plain_model(env):
+    main(["eval", str(env.base)])
+
+
+@cli_case(2, "data: no such file")
 def cli_eval_missing_text(env):
     main(["eval", str(env.acip), "--data", str(env.root / "missing.txt")])
 
 
-@case(ValueError, "block_size must be at least 2")
+@cli_case(2, "block_size must be at least 2")
 def cli_eval_one_token_windows(env):
     main(["eval", str(env.acip), "--data", env.words, "--block-size", "1"])
 
 
-@case(NotADirectoryError, "output_dir must be a folder")
+@cli_case(2, r"block_size must be at most the max_position_embeddings of model_dir .*acip \(128\), got 512")
+def cli_eval_windows_beyond_the_models_positions(env):
+    main(["eval", str(env.acip), "--data", env.words])  # --block-size: 512 by default
+
+
+@cli_case(2, "output_dir must be a folder")
 def cli_eval_report_into_a_file(env):
     main(["eval", str(env.acip), "--data", env.words, "--output-dir", env.words])
 
 
-@case(RuntimeError, "model_dir .*acip is in use by process")
+@cli_case(1, "model_dir .*acip is in use by process")
 def cli_eval_a_model_being_written(env):
     from acip.folders import folder_lock
 
@@ -423,14 +580,84 @@ def cli_eval_a_model_being_written(env):
         main(["eval", str(env.acip), "--data", env.words])
 
 
-@case(ValueError, "quantize needs a compressed model.*--ratio")
+@cli_case(2, "quantize needs a compressed model.*--ratio")
 def cli_export_quantized_prunable_without_ratio(env):
     main(["export", str(env.acip), str(env.root / "new"), "--license", "mit", "--quantize", "nf4", "--no-validate"])
 
 
-@case(ValueError, "out_dir must not hold model_dir")
+@cli_case(2, "out_dir must not hold model_dir")
 def cli_export_over_the_folder_holding_its_model(env):
     main(["export", str(env.acip), str(env.root), "--license", "mit", "--overwrite"])
+
+
+@cli_case(2, "model_dir: no such folder")
+def cli_export_missing_model(env):
+    main(["export", str(env.root / "missing"), str(env.root / "new"), "--license", "mit"])
+
+
+@cli_case(2, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model .*base")
+def cli_export_a_plain_model(env):
+    main(["export", str(env.base), str(env.root / "new"), "--license", "mit"])
+
+
+@cli_case(2, "--push-to-hub needs --repo-id")
+def cli_export_push_without_repo_id(env):
+    main(["export", str(env.acip), str(env.root / "new"), "--license", "mit", "--push-to-hub"])
+
+
+@cli_case(2, r"argument --quantize: invalid choice: 'int3'")
+def cli_export_unknown_quantization(env):
+    main(["export", str(env.acip), str(env.root / "new"), "--quantize", "int3"])
+
+
+def package(env, *options, model=None, out="m.pt2"):
+    """acip package of the ACIP model (or ``model``) to ``out`` in the test's folder."""
+    main(["package", str(model or env.acip), str(env.root / out), *options])
+
+
+@cli_case(2, r"mine.pt2 exists: pass overwrite=True \(--overwrite\) to replace it")
+def cli_package_onto_an_existing_file(env):
+    package(env, "--ratio", "0.5", out="mine.pt2")
+
+
+@cli_case(2, "path must end in .pt2")
+def cli_package_without_the_suffix(env):
+    package(env, "--ratio", "0.5", out="mine")
+
+
+@cli_case(2, "model_dir: no such folder")
+def cli_package_missing_model(env):
+    package(env, "--ratio", "0.5", model=env.root / "missing")
+
+
+@cli_case(2, r"ratio must be in \(0, 1\].*got 1.7")
+def cli_package_ratio_out_of_range(env):
+    package(env, "--ratio", "1.7")
+
+
+@cli_case(2, "model_dir .*base is a llama model, not an ACIP model: make one with acip compress --base-model .*base")
+def cli_package_a_plain_model(env):
+    package(env, "--ratio", "0.5", model=env.base)
+
+
+@cli_case(2, "prunable ACIP model: give the size ratio")
+def cli_package_prunable_without_ratio(env):
+    package(env)
+
+
+@cli_case(2, "already compressed.*leave out ratio")
+def cli_package_compressed_with_ratio(env):
+    package(env, "--ratio", "0.5", model=env.root / "compressed")
+
+
+@cli_case(2, "max_cache_len must be an integer >= 2")
+def cli_package_one_position(env):
+    package(env, "--ratio", "0.5", "--max-cache-len", "1")
+
+
+@cli_case(2, "batch_size must be an integer >= 1")
+def cli_package_no_batch(env):
+    package(env, "--ratio", "0.5", "--batch-size", "0")
 
 
 def snapshot(root) -> dict[str, str]:
@@ -447,9 +674,12 @@ def snapshot(root) -> dict[str, str]:
 
 
 def test_enough_cases():
-    assert len(CASES) >= 30
-    surfaces = {c.id.split("_")[0] for c in CASES} | {c.id.split("_")[1] for c in CASES if c.id.startswith("cli")}
-    assert {"compress", "finetune", "export", "cli", "eval"} <= surfaces
+    assert len(CASES) >= 30 and {c.id.split("_")[0] for c in CASES} == {"compress", "finetune", "export"}
+    commands = {c.id.split("_")[1] for c in CLI_CASES}
+    assert commands == {"compress", "finetune", "eval", "export", "package"}
+    for command in commands:  # each command: refused arguments (2) and, but for package, a busy folder (1)
+        statuses = {c.values[1] for c in CLI_CASES if c.id.split("_")[1] == command}
+        assert statuses == ({2} if command in ("export", "package") else {1, 2}), command
 
 
 @pytest.mark.parametrize("call, error, match", CASES)
@@ -464,3 +694,21 @@ def test_bad_input_is_refused_and_changes_nothing(env, call, error, match, monke
     for name, tensor in env.model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
     assert json.loads((env.root / "run" / RUN_FILE).read_text())["finished"] is False
+
+
+@pytest.mark.parametrize("call, status, match", CLI_CASES)
+def test_the_command_line_says_what_is_wrong_in_one_line(env, call, status, match, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("ACIP_DEBUG", raising=False)
+    before = snapshot(env.root)
+    with pytest.raises(SystemExit) as exit_info:
+        call(env)
+    err = capsys.readouterr().err
+    command = call.__name__.split("_")[1]
+    assert exit_info.value.code == status, err
+    assert err.startswith(f"acip {command}: error: ") and "Traceback" not in err, err
+    assert re.search(match, err), err
+    if "\\n" not in match:  # a message of one line (others list differences, one a line)
+        assert err.count("\n") == 1, err
+    assert snapshot(env.root) == before

@@ -18,7 +18,9 @@ from acip import ACIPModel
 from acip.base_model import load_base_model
 from acip.distributed import Processes
 from acip.finetune import FinetuneConfig, finetune
-from acip.loop import Runtime, TrainingLoop, resumed_settings
+from acip.loop import Runtime, TrainingLoop
+from acip.records import RUN_FILE
+from acip.runs import RunFolder
 from acip.training import ACIPRunConfig, ACIPTask, run_acip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,10 +122,10 @@ def test_a_resumed_run_needs_as_many_processes_as_it_started_with(tmp_path):
     record = tmp_path / "acip_run.json"
     for processes in (1, None):  # None: records written before data parallelism
         record.write_text(json.dumps({"config": vars(config), **({"processes": processes} if processes else {})}))
-        assert resumed_settings(ACIPRunConfig(), record, True, 1) == config
+        assert RunFolder(tmp_path, RUN_FILE).resumed_settings(ACIPRunConfig(), 1) == config
     record.write_text(json.dumps({"config": vars(config), "processes": 2}))
     with pytest.raises(ValueError, match="started with 2 process.*--num_processes 2"):
-        resumed_settings(config, record, True, 1)
+        RunFolder(tmp_path, RUN_FILE).resumed_settings(config, 1)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

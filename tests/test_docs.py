@@ -1,4 +1,6 @@
-"""docs/quickstart.ipynb runs from top to bottom on a tiny ACIP model, in a kernel on this test's interpreter."""
+"""The docs agree with the code: every count of the Hub files is that of acip.hub.HUB_FILES, the README names each
+of them, each command and its plot; docs/quickstart.ipynb runs from top to bottom on a tiny ACIP model, in a kernel on
+this test's interpreter."""
 
 import re
 import sys
@@ -7,12 +9,36 @@ from pathlib import Path
 import pytest
 from conftest import tiny_acip_model, tiny_tokenizer
 
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
-pytest.importorskip("ipykernel")
+from acip.cli import build_parser
+from acip.hub import HUB_FILES
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "quickstart.ipynb"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "docs" / "quickstart.ipynb"
 NUMBER = r"([0-9.e+-]+|inf|nan)"
+COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
+
+
+def test_every_count_of_the_hub_files_is_that_of_hub_files():
+    texts = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "__init__.py", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "acip").glob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]  # fmt: skip
+    counted = 0
+    for path in texts:
+        for word in re.findall(r"\b(\w+)\s+(?:Hub|remote-code)\s+files\b", path.read_text(), re.IGNORECASE):
+            if word.lower() in COUNTS:
+                assert COUNTS[word.lower()] == len(HUB_FILES), (path.name, word, HUB_FILES)
+                counted += 1
+    assert counted >= 3  # README, its layout and docs/export.md state it
+
+
+def test_the_readme_names_every_hub_file_command_and_its_plot():
+    readme = (ROOT / "README.md").read_text()
+    for name in HUB_FILES:
+        assert re.search(rf"^{re.escape(name)}\s", readme, re.M), name  # a row of the layout
+    commands = build_parser().commands
+    row = next(line for line in readme.splitlines() if line.startswith("  cli.py"))
+    assert all(command in row for command in commands), row
+    assert all(f"acip {command} " in readme for command in commands)  # each shown in use
+    assert "](docs/eval_perplexity.png)" in readme and (ROOT / "docs" / "eval_perplexity.png").exists()
 
 
 def printed(cell) -> str:
@@ -21,6 +47,7 @@ def printed(cell) -> str:
 
 
 def test_the_committed_notebook_has_no_outputs():
+    nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -29,6 +56,8 @@ def test_the_committed_notebook_has_no_outputs():
 
 @pytest.mark.slow
 def test_quickstart_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
     folder = tmp_path / "tiny-acip"
     tiny_acip_model().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

@@ -1,7 +1,7 @@
 """Size, memory and speed report (acip/efficiency.py) on a tiny saved model."""
 
 import pytest
-from conftest import needs_compiler, save_tiny_run, tiny_acip_model
+from conftest import save_tiny_run, tiny_acip_model
 
 from acip.efficiency import efficiency_report, format_rows, model_bytes, write_rows
 
@@ -42,18 +42,3 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="new_tokens must be at least 2, got 1"):
         efficiency_report(tmp_path, new_tokens=1)
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-@needs_compiler
-def test_packages_are_built_and_measured(tmp_path):
-    from acip.efficiency import build_inference_packages, measure_packages
-
-    tiny_acip_model("qwen2").prune_model_by_score(0.6).compress().fuse().save_pretrained(tmp_path / "model")
-    shape = dict(new_tokens=6, batches=(1,), prompts=(40,))
-    out = build_inference_packages(tmp_path / "model", tmp_path / "packages", **shape)
-    assert sorted(p.name for p in out.iterdir()) == ["decode_b1.pt2", "prefill_40.pt2"]
-    figures = measure_packages(out, best_of=1, **shape)
-    keys = {"decode_b1", "prefill_40", "first_calls_s"}
-    assert keys <= figures.keys() and all(figures[k] > 0 for k in keys)
-    assert figures["rss_mib"] >= 0  # in this process freed memory is reused: a tiny package may add nothing

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from conftest import save_tiny_run, tiny_acip_model, token_ids, words_file
 
 from acip.evaluation import (
-    check_ratios,
     evaluate_perplexity,
     perplexity,
     ratio_sweep,
@@ -49,7 +48,6 @@ def test_bad_ratios_are_refused_before_any_work():
         with pytest.raises(ValueError, match=r"ratios .*\(0, 1\]"):
             ratio_sweep(model, token_ids(), bad)
     assert all(torch.equal(layer.mask, before[n]) for n, layer in model.acip_layers().items())
-    assert check_ratios([1, 0.25]) == [1.0, 0.25]
 
 
 def test_baseline_scores():

@@ -18,9 +18,9 @@ from acip import ACIPModel
 from acip.cli import main
 from acip.export import ExportError, check_folder, export_model, push_to_hub
 from acip.finetune import FinetuneConfig
+from acip.hub import HUB_FILES
 from acip.report import PerplexityReport, read_report, write_report
 
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py")
 EXPORTED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                   "tokenizer_config.json", "requirements.txt", "README.md", "eval_perplexity.png",
                   "acip_export.json")  # fmt: skip
@@ -160,7 +160,6 @@ def test_overwrite_swaps_in_the_new_export_and_clears_what_killed_exports_left(e
     acip_dir, full, _ = exported
     out = tmp_path / "out"
     shutil.copytree(full, out)  # an earlier, prunable export
-    (tmp_path / ".out.export-999999999").mkdir()  # an export killed before acip had swaps (issue 14)
     (tmp_path / ".out.acip-save").mkdir()  # an export killed while writing its new folder
     (tmp_path / "mine.txt").write_text("the user's")
     export_model(acip_dir, out, license="mit", ratio=0.5, overwrite=True, validate=False)
@@ -281,5 +280,6 @@ def test_cli_export_and_push(exported, fake_hub, tmp_path, capsys):
     assert fake_hub.calls[1][2] is True  # --private
     with torch.no_grad():
         assert ACIPModel.from_pretrained(out).config.compressed
-    with pytest.raises(SystemExit, match="--repo-id"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["export", str(acip_dir), str(tmp_path / "y"), "--license", "mit", "--push-to-hub"])
+    assert exit_info.value.code == 2 and "acip export: error: --push-to-hub needs --repo-id" in capsys.readouterr().err

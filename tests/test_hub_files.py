@@ -1,5 +1,5 @@
-"""The four Hub files: self-contained, one copy, all saved with a model. (Loading a saved folder through remote code
-in a fresh process without the acip package: tests/test_export.py, with acip/hub_check.py.)"""
+"""The Hub files (acip.hub.HUB_FILES): self-contained, one copy, all saved with a model. (Loading a saved folder
+through remote code in a fresh process without the acip package: tests/test_export.py, with acip/hub_check.py.)"""
 
 import ast
 import pathlib
@@ -9,9 +9,9 @@ import sys
 from conftest import tiny_acip_model
 
 import acip
+from acip.hub import HUB_FILES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py", "fusing.py")
 ALLOWED = {"torch", "transformers", "safetensors", "bitsandbytes"}
 # Standard-library modules that reach into the OS or the process: a Hub user trusts model code not to.
 IMPURE = {"ctypes", "subprocess", "multiprocessing", "socket", "signal", "resource", "shutil"}

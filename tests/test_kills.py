@@ -42,7 +42,7 @@ import json, os, re, signal, sys
 sys.path.insert(0, {tests!r})
 import importlib
 from conftest import tiny_base_model, tiny_tokenizer
-import acip.folders, acip.checkpoints, transformers.modeling_utils
+import acip.folders, acip.runs, transformers.modeling_utils
 from acip.training import ACIPRunConfig, run_acip
 from acip.finetune import FinetuneConfig, finetune
 from acip.export import export_model
@@ -153,7 +153,7 @@ def assert_finished_run(ref, out):
 RENAMED = r"step-0000004\.tmp'\), PosixPath\('[^']*step-0000004'"  # os.replace(tmp, final) of step 4
 RUN_KILLS = {
     # inside the second checkpoint's tensor file
-    "checkpoint tensors": [{"target": "acip.checkpoints.save_file", "n": 2}],
+    "checkpoint tensors": [{"target": "acip.runs.save_file", "n": 2}],
     # the second checkpoint renamed into place, its pointer not yet updated
     "checkpoint rename, before the pointer": [{"target": "os.replace", "n": 1, "after": True, "match": RENAMED}],
     # inside the pointer update (its temporary file written, not renamed)
@@ -195,7 +195,7 @@ def test_overwrite_keeps_the_previous_result_until_the_new_run_is_complete(ref, 
     out = tmp_path / "out"
     shutil.copytree(ref["root"] / "tuned", out)  # the previous result: a fine-tuned model
     before = hashes(out)
-    kills = {"training": [{"target": "acip.checkpoints.save_file", "n": 3}],
+    kills = {"training": [{"target": "acip.runs.save_file", "n": 3}],
              "final save": [{"target": "transformers.modeling_utils.safe_save_file", "n": 1, "match": "acip-save"}]}
     killed(tmp_path, "run", out, kills[point], config=ref["run_config"], overwrite=True)
     assert hashes(out) == before and ACIPModel.from_pretrained(out).config.compressed
@@ -208,7 +208,7 @@ def test_a_fine_tune_killed_resumes_to_the_same_weights_and_keeps_the_previous_r
     out = tmp_path / "out"
     shutil.copytree(ref["root"] / "export50", out)  # the previous result: an export
     before = hashes(out)
-    kills = {"checkpoint": [{"target": "acip.checkpoints.save_file", "n": 2}],
+    kills = {"checkpoint": [{"target": "acip.runs.save_file", "n": 2}],
              "final save": [{"target": "transformers.modeling_utils.safe_save_file", "n": 1, "match": "acip-save"}]}
     killed(tmp_path, "finetune", out, kills[point], config=ref["tune_config"], model=str(ref["acip"]), overwrite=True)
     assert hashes(out) == before
@@ -243,10 +243,10 @@ def test_an_export_killed_leaves_the_old_or_the_new_export_complete(ref, tmp_pat
 
 HOLD = """
 import os, runpy, sys, time
-import acip.checkpoints
+import acip.runs
 
 marker, release, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-original = acip.checkpoints.save_file
+original = acip.runs.save_file
 
 def hold(*args, **kwargs):
     # at the first checkpoint (the folder's lock is held): say so, and wait until the test lets the run go on
@@ -257,7 +257,7 @@ def hold(*args, **kwargs):
             time.sleep(0.05)
     return original(*args, **kwargs)
 
-acip.checkpoints.save_file = hold
+acip.runs.save_file = hold
 sys.argv = ["acip", *argv]
 runpy.run_module("acip.cli", run_name="__main__")
 """
@@ -287,8 +287,9 @@ def test_two_runs_started_at_once_on_one_folder(ref, tmp_path):
     _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err[-4000:]
     refused = second.stderr
-    assert second.returncode != 0, refused
-    assert "FolderBusy" in refused and f"output_dir {out} is in use by process" in refused
+    assert second.returncode == 1, refused  # a failure at run time, told in one line
+    assert refused.startswith(f"acip compress: error: output_dir {out} is in use by process"), refused
+    assert "Traceback" not in refused
     assert f"process {first.pid} " in refused and "compress --base-model" in refused
     steps = [json.loads(line)["step"] for line in (out / "run_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from acip import ACIPModel
-from acip.default_model import load_default_model
+from acip.default_model import MAX_POSITIONS, load_default_model
 
 pytestmark = pytest.mark.slow  # loads and factorizes the real 135M model
 
@@ -34,6 +34,10 @@ def smollm2(smollm2_base):
     model = ACIPModel.from_base_model(base).eval()
     print(f"\nparametrized {len(model.config.target_modules)} layers in {time.perf_counter() - start:.1f} s")
     return model, tokenizer, ids, reference
+
+
+def test_the_positions_known_without_loading_are_the_models(smollm2_base):
+    assert smollm2_base[0].config.max_position_embeddings == MAX_POSITIONS
 
 
 def test_parametrized_smollm2_is_the_base_model(smollm2):

@@ -1,6 +1,6 @@
-"""Atomic writes (acip/files.py) and the folders acip writes (acip/folders.py): a failed write leaves the previous
-file whole; a folder is replaced by swapping a complete new one in, leftovers of killed swaps are put right by the
-next call, and one process at a time holds a folder's lock."""
+"""How acip writes (acip/folders.py): a failed write leaves the previous file whole; a folder is replaced by swapping a
+complete new one in, leftovers of killed swaps are put right by the next call, one process at a time holds a folder's
+lock, and replacing() runs the whole protocol for a folder or a file."""
 
 import errno
 import json
@@ -9,9 +9,10 @@ import os
 import pytest
 
 import acip.folders as folders
-from acip.files import write_atomically, write_json, write_jsonl
-from acip.folders import FolderBusy, check_not_busy, folder_lock, recover, replace_folder, sibling
-from acip.records import foreign_files
+from acip.folders import (
+    FolderBusy, check_not_busy, folder_lock, recover, replace_folder, replacing, sibling, write_atomically, write_json,
+    write_jsonl,
+)  # fmt: skip
 
 
 def test_writes_replace_whole_files(tmp_path):
@@ -75,25 +76,13 @@ def test_recover_removes_what_killed_processes_left_and_nothing_else(tmp_path):
     target = folder_with(tmp_path / "out", **{"acip_run.json": json.dumps({"run_id": "r1", "finished": True})})
     folder_with(sibling(target, "acip-save"), half="written")
     folder_with(sibling(target, "acip-new"), **{"acip_run.json": json.dumps({"run_id": "r1"})})  # that run's work
-    folder_with(tmp_path / ".out.export-999999999", x="")  # an export of an earlier acip, killed
+    (tmp_path / ".m.pt2.acip-save.pt2").write_text("half a package")  # a killed write of the file m.pt2
+    (tmp_path / "m.pt2").write_text("the package")
     folder_with(tmp_path / "mine", keep="user")
-    assert len(recover(target)) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
+    assert len(recover(target)) == 2 and len(recover(tmp_path / "m.pt2")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "mine", "out"]
     folder_with(sibling(target, "acip-new"), **{"acip_run.json": json.dumps({"run_id": "r2"})})  # a run to resume
     assert recover(target) == [] and sibling(target, "acip-new").exists()
-
-
-def test_foreign_files_are_those_no_record_lists(tmp_path):
-    user = folder_with(tmp_path / "user", notes="mine")
-    assert foreign_files(user) == ["notes"]
-    files = ["acip_run.json", "config.json", "model.safetensors"]
-    run = folder_with(tmp_path / "run", **{"acip_run.json": json.dumps({"files": files}), "config.json": "{}"})
-    (run / "eval_perplexity.csv").write_text("")  # acip eval's report, added later
-    assert foreign_files(run) == []
-    (run / "notes.txt").write_text("mine")
-    assert foreign_files(run) == ["notes.txt"]
-    legacy = folder_with(tmp_path / "legacy", **{"acip_run.json": "{}", "config.json": "{}", "photo.jpg": ""})
-    assert foreign_files(legacy) == ["photo.jpg"]  # a record without a file list: acip's usual names only
 
 
 def test_one_process_at_a_time_holds_a_folder(tmp_path):
@@ -109,3 +98,58 @@ def test_one_process_at_a_time_holds_a_folder(tmp_path):
         pass
     check_not_busy(out, "model_dir")
     assert not out.exists()  # the lock lives beside the folder, never inside it
+
+
+def test_replacing_a_folder_swaps_in_the_complete_stage(tmp_path):
+    out = folder_with(tmp_path / "out", a="old")
+    checks = []
+
+    def check():
+        checks.append(sibling(out, "acip-lock").exists())  # before the lock, then under it
+        return "checked"
+
+    with replacing(out, "out_dir", check) as output:
+        assert output.checked == "checked" and checks == [False, True]
+        with output.staged() as stage:
+            assert stage == sibling(out, "acip-save") and list(stage.iterdir()) == []
+            (stage / "a").write_text("new")
+            assert listing(out) == {"a": "old"}  # the old one stays until the new one is complete
+    assert listing(out) == {"a": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.acip-lock", "out"]
+
+
+def test_a_refused_or_failed_replacement_leaves_everything_as_it_was(tmp_path):
+    out = folder_with(tmp_path / "out", a="old")
+
+    def refuse():
+        raise FileExistsError("out_dir is not empty")
+
+    with pytest.raises(FileExistsError):
+        with replacing(out, "out_dir", refuse):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # refused before the lock file was written
+    with pytest.raises(RuntimeError, match="the export does not load"):
+        with replacing(out, "out_dir", lambda: None) as output, output.staged() as stage:
+            (stage / "a").write_text("half")
+            raise RuntimeError("the export does not load")
+    assert listing(out) == {"a": "old"} and not sibling(out, "acip-save").exists()
+    with folder_lock(out):  # another process writes it: refused at once, nothing checked
+        with pytest.raises(FolderBusy, match="out_dir .*out is in use"):
+            with replacing(out, "out_dir", refuse):
+                pass
+
+
+def test_replacing_a_file_renames_its_stage_over_it(tmp_path):
+    package = tmp_path / "m.pt2"
+    package.write_text("old")
+    (tmp_path / ".m.pt2.acip-save.pt2").write_text("left by a killed build")
+    with pytest.raises(ValueError):
+        with replacing(package, "path", lambda: None, file=True) as output, output.staged() as stage:
+            assert stage == tmp_path / ".m.pt2.acip-save.pt2" and not stage.exists()  # the suffix kept
+            stage.write_text("half")
+            raise ValueError("the compiler failed")
+    assert package.read_text() == "old" and not stage.exists()
+    with replacing(package, "path", lambda: None, file=True) as output, output.staged() as stage:
+        stage.write_text("new")
+    assert package.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.pt2.acip-lock", "m.pt2"]
