@@ -28,11 +28,15 @@ from acip.records import RUN_FILE
 from acip.report import write_report
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+# Every row names all it changes from the quick preset of its day, so that it still means that run when the preset
+# moves on. The preset of 2026-12-06 (issue 31's "today"): the original's cost rule r·(in + out), LoRA merged into
+# every size.
+DEC06 = dict(rank_cost="factors", correction_ramp=0.0, post_tune_steps=140)
 # The quick preset as it was on the morning of 2026-11-25 (float32 compute), the reference of issue 16.
-TODAY = dict(compute_dtype="float32", lambda_init=5e-3, lambda_growth=1.035, post_tune_steps=60,
+TODAY = dict(DEC06, compute_dtype="float32", lambda_init=5e-3, lambda_growth=1.035, post_tune_steps=60,
              post_tune_sizes="stop", distill_alpha=0.0, lora_dropout=0.05, lora_alpha=16)  # fmt: skip
 # The quick preset from the evening of 2026-11-25 to 2026-12-06: bf16, distillation α 0.5, any-size post-tuning.
-NOV25 = dict(distill_alpha=0.5, lora_alpha=16, post_tune_steps=120)
+NOV25 = dict(DEC06, distill_alpha=0.5, lora_alpha=16, post_tune_steps=120)
 RUNS = {
     "today": TODAY,
     "bf16": {**TODAY, "compute_dtype": "auto"},
@@ -63,20 +67,36 @@ RUNS = {
     "nov25+a0.9+x8": {**NOV25, "distill_alpha": 0.9, "lora_alpha": 128},
     # α 0.9 reaches the stop ratio in fewer steps: the time saved goes to post-tuning (140 steps instead of 120)
     "nov25+a0.9+x8+pt140": {**NOV25, "distill_alpha": 0.9, "lora_alpha": 128, "post_tune_steps": 140},
-    "new": {},  # the quick preset as it is now: α 0.9, LoRA scale 8, 140 post-tune steps
-    "new-seed1": {"seed": 1},  # another draw of data, LoRA init and post-tune sizes: the spread of one row
-    "new+share0.6": {"post_tune_stop_share": 0.6},
-    "new+weight-basis": {"basis": "weight"},  # the paper's basis (benchmarks/basis.py reuses this run)
+    # the 2026-12-06 preset ("new" until 2026-12-07): α 0.9, LoRA scale 8, 140 post-tune steps
+    "dec06": DEC06,
+    "dec06-seed1": {**DEC06, "seed": 1},  # another draw of data, LoRA init and post-tune sizes: the spread of one row
+    "dec06+share0.6": {**DEC06, "post_tune_stop_share": 0.6},
+    "dec06+weight-basis": {**DEC06, "basis": "weight"},  # the paper's basis (benchmarks/basis.py reuses this run)
+    "dec06@0.8": {**DEC06, "stop_ratio": 0.8, "post_tune_sizes": "stop"},
+    "dec06@0.5": {**DEC06, "stop_ratio": 0.5, "post_tune_sizes": "stop"},
+    "dec06@0.8-seed1": {**DEC06, "stop_ratio": 0.8, "post_tune_sizes": "stop", "seed": 1},
+    "dec06@0.5-seed1": {**DEC06, "stop_ratio": 0.5, "post_tune_sizes": "stop", "seed": 1},
+    # the same wall-clock as today's: 90 post-tune steps instead of 140 (each costs its size since 2026-12-06)
+    "dec06-pt90": {**DEC06, "post_tune_steps": 90},
+    "dec06-pt90-seed1": {**DEC06, "post_tune_steps": 90, "seed": 1},
+    # issue 31 (2026-12-07): the aligned cost rule and size-dependent corrections, then the preset they became
+    "dec06+aligned": {**DEC06, "rank_cost": "aligned"},
+    "dec06+aligned+ramp": {**DEC06, "rank_cost": "aligned", "correction_ramp": 0.25},
+    "dec06+aligned+ramp+factors": {**DEC06, "rank_cost": "aligned", "correction_ramp": 0.25,
+                                   "post_tune_factors_lr": 1e-4},  # fmt: skip  (nested consolidation)
+    "new": {},  # the quick preset as it is now
+    "new-seed1": {"seed": 1},
     "new@0.8": {"stop_ratio": 0.8, "post_tune_sizes": "stop"},
     "new@0.5": {"stop_ratio": 0.5, "post_tune_sizes": "stop"},
-    "new@0.8-seed1": {"stop_ratio": 0.8, "post_tune_sizes": "stop", "seed": 1},  # dedicated runs of new-seed1's draw
-    "new@0.5-seed1": {"stop_ratio": 0.5, "post_tune_sizes": "stop", "seed": 1},
-    # the same wall-clock as today's: 90 post-tune steps instead of 140 (each costs its size since 2026-12-06)
-    "new-pt90": {"post_tune_steps": 90},
-    "new-pt90-seed1": {"post_tune_steps": 90, "seed": 1},
+    # the original implementation's reset_layers / reset_adapters: its cost rule, its LoRA at full strength in every
+    # layer that is stored factorized, the original weight (no LoRA) in every layer stored dense
+    "original-reset": {"rank_cost": "factors", "correction_ramp": 1e-6},
 }
 PEERS = {"peer@0.8": 0.8, "peer@0.5": 0.5}  # whitened uniform truncation + fine-tune, per size
 PEER_TOKENS_OF = "new"  # the ACIP run whose training tokens each peer fine-tune gets
+# FlexRank's recipe (benchmarks/flexrank_peer.py) with the new preset's data, batches, distillation and sizes, for
+# the steps that give it the new preset's training tokens; the learning rate of its factors
+FLEXRANK = {"flexrank-style": 1e-4, "flexrank-style-lr3e-4": 3e-4}
 
 
 def acip_run(name: str, root: Path, max_blocks: int) -> dict:
@@ -167,6 +187,37 @@ def peer_run(name: str, root: Path, tokens: int, max_blocks: int) -> dict:
     return result
 
 
+def flexrank_run(name: str, root: Path, tokens: int, max_blocks: int) -> dict:
+    """The FlexRank-style peer ``name`` (benchmarks/flexrank_peer.py), ``tokens`` training tokens; reused if on disk."""
+    from acip.loop import train
+    from flexrank_peer import FlexRankStyleTask
+
+    folder = root / name
+    result_file = folder / "bench.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    quick = preset("quick")
+    steps = max(1, round(tokens / (quick.batch_size * quick.block_size)))
+    # sizes drawn uniformly from the smallest to the full model, as FlexRank's sampler walks its budgets
+    config = preset("quick", post_tune_factors_lr=FLEXRANK[name], post_tune_steps=steps, post_tune_stop_share=0.0,
+                    correction_ramp=0.0)  # fmt: skip
+    start = time.perf_counter()
+    train(lambda config, runtime: FlexRankStyleTask(config, runtime), config, folder, RUN_FILE, resume=False,
+          overwrite=True)  # fmt: skip
+    wall = time.perf_counter() - start
+    report = evaluate_perplexity(folder, DEFAULT_DATA, RATIOS, max_blocks=max_blocks)
+    write_report(report, folder)
+    result = {
+        "wall_seconds": wall,
+        "train_seconds": finished_record(folder)["train_seconds"],
+        "steps": steps,
+        "tokens": steps * quick.batch_size * quick.block_size,
+        "perplexity": {data: {repr(r): p for r, p in by["ACIP"].items()} for data, by in report.results.items()},
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def table(results: dict[str, dict]) -> str:
     """Perplexity per ratio and text, one row per run, with its wall-clock and training tokens."""
     lines = []
@@ -178,10 +229,11 @@ def table(results: dict[str, dict]) -> str:
             cells = "".join(f"{ppl[repr(r)]:>9.2f}" if repr(r) in ppl else f"{'':>9}" for r in RATIOS)
             seconds = result.get("train_seconds", result["wall_seconds"])  # a peer's: truncation and fine-tune
             lines.append(f"{name:<24}{seconds:>8.0f}{result['tokens']:>9}{cells}")
-    if "today" in results:
-        lines.append("\nperplexity / today's (below 1 = better)")
+    reference = next((name for name in ("dec06", "today") if name in results), None)
+    if reference is not None:
+        lines.append(f"\nperplexity / {reference}'s (below 1 = better)")
         for data in DEFAULT_DATA:
-            today = results["today"]["perplexity"][data]
+            today = results[reference]["perplexity"][data]
             for name, result in results.items():
                 ppl = result["perplexity"][data]
                 cells = "".join(f"{ppl[repr(r)] / today[repr(r)]:>9.3f}" if repr(r) in ppl else f"{'':>9}"
@@ -193,7 +245,7 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/quality", help="where runs and their results are kept")
-    parser.add_argument("--runs", nargs="+", default=[*RUNS, *PEERS], choices=[*RUNS, *PEERS])
+    parser.add_argument("--runs", nargs="+", default=[*RUNS, *PEERS, *FLEXRANK], choices=[*RUNS, *PEERS, *FLEXRANK])
     parser.add_argument("--max-blocks", type=int, default=16, help="windows of 512 tokens per text")
     args = parser.parse_args()
     root = Path(args.root)
@@ -201,6 +253,9 @@ def main() -> None:
     for name in args.runs:
         if name in RUNS:
             results[name] = acip_run(name, root, args.max_blocks)
+        elif name in FLEXRANK:
+            tokens = training_tokens(PEER_TOKENS_OF, root, args.max_blocks)
+            results[name] = flexrank_run(name, root, tokens, args.max_blocks)
         else:
             tokens = training_tokens(PEER_TOKENS_OF, root, args.max_blocks)
             results[name] = peer_run(name, root, tokens, args.max_blocks)
