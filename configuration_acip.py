@@ -18,6 +18,7 @@ AUTO_MAP = {
 
 BASES = ("weight", "whitened")
 RANK_COSTS = ("aligned", "factors")  # as pruning.RANK_COSTS (this file imports only transformers)
+SELECTIONS = ("ranked", "threshold")  # as pruning.SELECTIONS
 
 
 class ACIPConfig(PretrainedConfig):
@@ -44,6 +45,14 @@ class ACIPConfig(PretrainedConfig):
             layer applies them with strength ``min(1, f / correction_ramp)``, f the share of its ranks pruned, so a
             layer kept whole is the base model's layer.
         correction_ramp: the pruned share at which a layer's corrections reach full strength (with correction_rank).
+        lora_rank: rank of each prunable layer's whole-layer low-rank term (``LayerLoRA``; 0: none), added at every
+            size as the original implementation adds its LoRA (models converted from it). Not counted by a size
+            ratio, as there; ``compress()`` keeps it as extra ranks of the stored factors (``layer_ranks`` then record
+            the stored rank).
+        selection: which kept sets a prune may choose: ``"ranked"`` (acip's) the shortest prefix of the global
+            ranking, ties cut by its tie-break order, whose size is at or above the target; ``"threshold"`` (the
+            original implementation's, kept by models converted from it) the scores above a threshold, equal scores
+            kept or pruned together, the smallest size strictly above the target (1.0 keeps everything).
     """
 
     model_type = "acip"
@@ -63,6 +72,8 @@ class ACIPConfig(PretrainedConfig):
         rank_cost: str = "aligned",
         correction_rank: int = 0,
         correction_ramp: float = 0.0,
+        lora_rank: int = 0,
+        selection: str = "ranked",
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -88,6 +99,12 @@ class ACIPConfig(PretrainedConfig):
                 f"correction_rank must be >= 0 and correction_ramp > 0 with it, got {correction_rank!r}, "
                 f"{correction_ramp!r}"
             )
+        if isinstance(lora_rank, bool) or int(lora_rank) != lora_rank or lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
+        self.lora_rank = int(lora_rank)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
         self.fused_groups = [list(group) for group in fused_groups or []]

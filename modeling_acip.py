@@ -37,6 +37,7 @@ from .pruning import (  # QUANT_TYPES: the package imports it from here
     plan_pruning,
     ratio_budget,
     stored_bytes,
+    stored_rank,
 )
 
 
@@ -188,7 +189,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         if not self.config.compressed:
             config = self.config
             return SVDLinear(**shape, mask_constant=config.mask_constant, correction_rank=config.correction_rank,
-                             correction_ramp=config.correction_ramp, **like)  # fmt: skip
+                             correction_ramp=config.correction_ramp, lora_rank=config.lora_rank, **like)  # fmt: skip
         if name in self.config.dense_modules:
             return nn.Linear(**shape, **like)
         factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" else LowRankLinear
@@ -321,13 +322,15 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         (4-bit weights, their quantization constants, everything else as it is)."""
         storage, rule = _storage(self, dtype), self.config.rank_cost
         layers = self._prunable_layers().values()
-        weights = sum(layer_bytes(int(m.kept.sum()), m.in_features, m.out_features, storage, rule) for m in layers)
+        weights = sum(layer_bytes(stored_rank(int(m.kept.sum()), m.in_features, m.out_features, m.lora_rank),
+                                  m.in_features, m.out_features, storage, rule) for m in layers)  # fmt: skip
         return _fixed_bytes(self, storage) + weights
 
     @torch.no_grad()
     def prune_model_by_score(self, compression_ratio: float | None = None, *, size_ratio: float | None = None,
                              full: bool = False, memory_budget: int | str | None = None,
-                             dtype: torch.dtype | str | None = None, rank_multiple: int = 1) -> "ACIPModel":
+                             dtype: torch.dtype | str | None = None, rank_multiple: int = 1,
+                             compression_rate: float | None = None) -> "ACIPModel":  # fmt: skip
         """Keep the globally highest-scoring singular values so that the size ratio is the smallest one ≥ the target
         (within one rank), or so that the model is the largest that fits ``memory_budget``. Revertible and nested:
         call again with any target. Returns the model.
@@ -342,8 +345,11 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 or None for the current one.
             rank_multiple: round each layer's kept rank up to a multiple of this (e.g. 8, 16, 64: aligned shapes for
                 kernels that prefer them); the plan is still the smallest ≥ the target (the largest within a budget).
+            compression_rate: the fraction of parameters to remove, 1 − compression_ratio (the original ACIP code's
+                other name); pass one of the three.
         """
-        plan = pruning_plan(self, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple)
+        plan = pruning_plan(self, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple,
+                            compression_rate)  # fmt: skip
         for layer, kept in zip(self._prunable_layers().values(), plan):
             layer.set_kept(kept)
         return self
@@ -457,25 +463,30 @@ def _outside_num_params(model: "ACIPModel", full: bool) -> int:
 
 
 def pruning_plan(model: "ACIPModel", compression_ratio=None, size_ratio=None, full=False, memory_budget=None,
-                 dtype=None, rank_multiple=1) -> list[torch.Tensor]:
+                 dtype=None, rank_multiple=1, compression_rate=None) -> list[torch.Tensor]:
     """The boolean keep mask (k,) per SVD layer (in ``acip_layers`` order) that :meth:`ACIPModel.prune_model_by_score`
     sets for these arguments, without setting it."""
-    other = _outside_num_params(model, full)
+    other, selection = _outside_num_params(model, full), model.config.selection
     layers = list(model._prunable_layers().values())
     scores, shapes = [m.score for m in layers], [(m.in_features, m.out_features) for m in layers]
     if memory_budget is not None:
-        if compression_ratio is not None or size_ratio is not None:
+        if compression_ratio is not None or size_ratio is not None or compression_rate is not None:
             raise ValueError("pass either a compression_ratio or a memory_budget, not both")
         storage = _storage(model, dtype)
         budget = bytes_budget(memory_budget, _fixed_bytes(model, storage), storage)
-        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple, model.config.rank_cost)
+        rule, extra = model.config.rank_cost, model.config.lora_rank  # a LayerLoRA's ranks are stored too
+        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple, rule, extra, selection)
     else:
         if dtype is not None:
             raise ValueError("dtype only applies to memory_budget")
-        ratio, total = check_ratio(compression_ratio, size_ratio), sum(map(linear_num_params, layers)) + other
+        ratio = check_ratio(compression_ratio, size_ratio, compression_rate)
+        total = sum(map(linear_num_params, layers)) + other
         fixed = other + sum(m.out_features for m in layers if m.bias is not None)
-        budget = ratio_budget(ratio, total, fixed, full)
-        keep, _ = plan_pruning(scores, shapes, budget, rank_multiple, model.config.rank_cost)
+        threshold = selection == "threshold"
+        budget = ratio_budget(ratio, total, fixed, full, strict=threshold)
+        if threshold and ratio == 1.0:  # the original keeps everything at 1.0 (every other target prunes)
+            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        keep, _ = plan_pruning(scores, shapes, budget, rank_multiple, model.config.rank_cost, selection)
     return keep
 
 

@@ -246,6 +246,32 @@ class FactorCorrection(nn.Module):
         return f"rank={self.sv_a.shape[0]}, ramp={self.ramp}"
 
 
+class LayerLoRA(nn.Module):
+    """A whole-layer low-rank term ``x -> b·a·x``, added to a prunable layer's output at every size: the LoRA of the
+    original ACIP implementation (its ``(alpha / r)·B·A·x``, the scale folded into ``b``), kept by models converted
+    from it. ``compress()`` stores it as ``rank`` extra, always-kept ranks of the layer's factors.
+
+    Plain parameters, not nn.Linear layers: peft's "all-linear" and quantize() leave them alone.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))  # (r, in)
+        self.b = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))  # (out, r), scale folded in
+
+    @property
+    def rank(self) -> int:
+        """Rank of the term."""
+        return self.a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``b·a·x``: (..., in) -> (..., r) -> (..., out)."""
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
 class SVDLinear(LowRankLinear):
     """The prunable ACIP layer: ``x -> U · (mask ⊙ S Vᵀ x)`` with a trainable mask and a score per singular value.
 
@@ -253,7 +279,8 @@ class SVDLinear(LowRankLinear):
     positive and 0 elsewhere, the backward pass treats it as ``relu(mask)``. ``u`` holds ``U / c`` so that the layer
     reproduces the original weight exactly while every mask entry sits at its initial value ``c``. The float32
     ``score`` buffer ranks the singular values for pruning (higher = more important). With ``correction_rank`` > 0 the
-    layer holds a :class:`FactorCorrection` that it applies once it is pruned.
+    layer holds a :class:`FactorCorrection` that it applies once it is pruned; with ``lora_rank`` > 0 a
+    :class:`LayerLoRA` (``layer_lora``) that it adds at every size.
     """
 
     def __init__(
@@ -266,6 +293,7 @@ class SVDLinear(LowRankLinear):
         dtype=None,
         correction_rank: int = 0,
         correction_ramp: float = 0.0,
+        lora_rank: int = 0,
     ):
         rank = min(in_features, out_features)
         super().__init__(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
@@ -276,6 +304,13 @@ class SVDLinear(LowRankLinear):
         if correction_rank:
             self.correction = FactorCorrection(in_features, out_features, rank, correction_rank, correction_ramp,
                                                device=device, dtype=dtype)  # fmt: skip
+        self.layer_lora = LayerLoRA(in_features, out_features, lora_rank, device, dtype) if lora_rank else None
+
+    @property
+    def lora_rank(self) -> int:
+        """Rank of the whole-layer term (:class:`LayerLoRA`), 0 without one: ranks ``compress()`` stores on top of
+        the kept ones."""
+        return 0 if self.layer_lora is None else self.layer_lora.rank
 
     @classmethod
     @torch.no_grad()
@@ -340,13 +375,15 @@ class SVDLinear(LowRankLinear):
                 h = h + strength * self.correction.sv_delta(x, kept)
             h = h * self.mask_constant
             y = F.linear(h, self.u.weight[:, kept], self.u.bias)
-            return y + strength * self.correction.u_delta(h, kept) if strength else y
+            y = y + strength * self.correction.u_delta(h, kept) if strength else y
+            return y if self.layer_lora is None else y + self.layer_lora(x)
         h = self.sv(x)  # (..., k)
         if strength:
             h = h + strength * self.correction.sv_delta(x)
         h = h * self.mask_value().to(h.dtype)
         y = self.u(h)
-        return y + strength * self.correction.u_delta(h) if strength else y
+        y = y + strength * self.correction.u_delta(h) if strength else y
+        return y if self.layer_lora is None else y + self.layer_lora(x)
 
     def correction_strength(self) -> float:
         """The strength the correction applies with at the current mask: 0 without one or while nothing is pruned."""
@@ -389,12 +426,17 @@ class SVDLinear(LowRankLinear):
         """The physically small layer for the current mask in the form cost ``rule`` prices: the kept ranks
         gauge-aligned (:class:`AlignedLowRankLinear`, "aligned") or as sliced factors (:class:`LowRankLinear`,
         "factors"), or a dense nn.Linear where the rule stores it dense. Each computes the map this layer computes now.
+        A :class:`LayerLoRA` term becomes extra ranks of the factors (``[sv; a]``, ``[u | b]``), or merged into the
+        weight of a layer stored dense.
         """
         keep = self.kept
-        rank = int(keep.sum())
         dtype = _plain_linear(self.sv, "input").weight.dtype
         u, sv = self.effective_factors(keep)
-        if is_dense_rank(rank, self.in_features, self.out_features, rule):
+        if self.layer_lora is not None:
+            u = torch.cat([u, self.layer_lora.b.float()], dim=1)  # (out, r + lora_rank)
+            sv = torch.cat([sv, self.layer_lora.a.float()], dim=0)  # (r + lora_rank, in)
+        rank = sv.shape[0]
+        if rank > self.rank or is_dense_rank(rank, self.in_features, self.out_features, rule):
             return _dense_linear(u @ sv, self.bias, dtype)
         if rule == "aligned":
             return AlignedLowRankLinear.from_factors(u, sv, self.bias, dtype)

@@ -17,6 +17,12 @@ The planner ranks every singular value of every layer once, globally (:class:`Ra
 that score map by a search over prefix costs of the ranking: by a weight budget (``compression_ratio``) or by a byte
 budget (``memory_budget``). No weights are needed, so it runs on a 7B-scale score map in milliseconds.
 
+Which prefixes a prune may take is the model's selection (``ACIPConfig.selection``): ``"ranked"`` (acip's) any
+prefix, ties cut by the tie-break order, a layer stored dense keeping all its ranks, and the smallest size at or
+above the target; ``"threshold"`` (the original implementation's, kept by models converted from it) only the sets
+``score > t`` for a threshold t, so equal scores are kept or pruned together and a layer keeps just those, the
+smallest such size strictly above the target, at least the lowest-scored block pruned (ratio 1.0 keeps everything).
+
 This file is part of the Hub payload: it imports only torch.
 """
 
@@ -31,6 +37,7 @@ import torch
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
 RANK_COSTS = ("aligned", "factors")
+SELECTIONS = ("ranked", "threshold")
 ORDER_BYTES = 8  # an aligned layer's row order: one int64 per output feature
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -46,6 +53,13 @@ def check_rank_cost(rule: str) -> str:
     if rule not in RANK_COSTS:
         raise ValueError(f"rank_cost must be one of {RANK_COSTS}, got {rule!r}")
     return rule
+
+
+def check_selection(selection: str) -> str:
+    """``selection`` if it is one of :data:`SELECTIONS`; a clear error otherwise."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    return selection
 
 
 def is_dense_rank(rank, in_features, out_features, rule="aligned"):
@@ -66,6 +80,17 @@ def rank_cost(rank, in_features, out_features, rule="aligned"):
     if isinstance(is_dense, torch.Tensor):
         return torch.where(is_dense, dense, factors)
     return dense if is_dense else factors
+
+
+def stored_rank(rank, in_features, out_features, extra_rank: int = 0):
+    """The rank a layer keeping ``rank`` singular values stores with ``extra_rank`` always-kept ranks on top (a
+    whole-layer LoRA term), capped at min(in, out): beyond it the layer is stored dense under either rule."""
+    if not extra_rank:
+        return rank
+    if isinstance(rank, torch.Tensor):
+        full = torch.minimum(torch.as_tensor(in_features), torch.as_tensor(out_features))
+        return torch.minimum(rank + extra_rank, full)
+    return min(rank + extra_rank, in_features, out_features)
 
 
 def first_dense_rank(in_features: torch.Tensor, out_features: torch.Tensor, rule="aligned") -> torch.Tensor:
@@ -134,34 +159,46 @@ def parse_bytes(value) -> int:
     return number
 
 
-def check_ratio(compression_ratio, size_ratio) -> float:
-    """The one target ratio given by either name; a clear error for anything that is not a number in [0, 1]."""
-    given = {k: v for k, v in (("compression_ratio", compression_ratio), ("size_ratio", size_ratio)) if v is not None}
+def check_ratio(compression_ratio, size_ratio, compression_rate=None) -> float:
+    """The one target ratio given by any of its names (``compression_rate``, the original implementation's, is the
+    fraction removed: 1 − ratio); a clear error for anything that is not a number in [0, 1], or names that disagree."""
+    named = {"compression_ratio": compression_ratio, "size_ratio": size_ratio, "compression_rate": compression_rate}
+    given = {k: v for k, v in named.items() if v is not None}
     if not given:
         raise TypeError("prune_model_by_score() needs compression_ratio (the fraction of parameters kept, in [0, 1])")
     for name, value in given.items():
+        meaning = "removed" if name == "compression_rate" else "kept"
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number in [0, 1] (the fraction of parameters kept), got {value!r}")
+            raise TypeError(f"{name} must be a number in [0, 1] (the fraction of parameters {meaning}), got {value!r}")
         if not (0.0 <= float(value) <= 1.0):  # NaN fails this too
-            raise ValueError(f"{name} must be in [0, 1] (the fraction of parameters kept), got {value!r}")
-    values = {float(v) for v in given.values()}
-    if len(values) > 1:
+            raise ValueError(f"{name} must be in [0, 1] (the fraction of parameters {meaning}), got {value!r}")
+    ratios = {k: 1.0 - float(v) if k == "compression_rate" else float(v) for k, v in given.items()}
+    if max(ratios.values()) - min(ratios.values()) > 1e-12:
+        shown = " and ".join(f"{k}={v!r}" for k, v in given.items())
         raise ValueError(
-            f"compression_ratio={compression_ratio!r} and size_ratio={size_ratio!r} disagree; they mean the same "
-            "thing (the fraction of parameters kept): pass one"
+            f"{shown} disagree; they give one target (the fraction of parameters kept, or with compression_rate the "
+            "fraction removed): pass one"
         )
-    return values.pop()
+    return ratios.get("compression_ratio", ratios.get("size_ratio", next(iter(ratios.values()))))
 
 
-def ratio_budget(ratio: float, total: int, fixed: int, full: bool) -> int:
-    """Weights the target layers may cost so that (their cost + ``fixed``) / ``total`` reaches ``ratio``: ``fixed``
-    counts what pruning does not shrink (biases, and with ``full`` the rest of the model)."""
+def ratio_budget(ratio: float, total: int, fixed: int, full: bool, strict: bool = False) -> int:
+    """Weights the target layers may cost so that (their cost + ``fixed``) / ``total`` reaches ``ratio`` (with
+    ``strict``, exceeds it, compared in floats as the original implementation compares): ``fixed`` counts what
+    pruning does not shrink (biases, and with ``full`` the rest of the model)."""
     if ratio * total < fixed - 1e-6:
         raise ValueError(
             f"compression_ratio={ratio} is below what full={full} allows: with the uncompressed parts counted "
             f"the ratio must be in [{fixed / total:.4f}, 1]"
         )
-    return math.ceil(ratio * total - fixed - 1e-6)
+    if not strict:
+        return math.ceil(ratio * total - fixed - 1e-6)
+    budget = max(0, math.floor(ratio * total - fixed))
+    while (budget + fixed) / total <= ratio:
+        budget += 1
+    while budget > 0 and (budget - 1 + fixed) / total > ratio:
+        budget -= 1
+    return budget
 
 
 def bytes_budget(memory_budget, fixed: int, storage) -> int:
@@ -231,8 +268,9 @@ class Ranking:
     untrained map, or masks that died on the same step) is thereby cut evenly across layers.
 
     A prefix of the order keeps, in each layer, its items in the prefix; a layer whose kept ranks reach the dense
-    cost keeps all its ranks (they cost nothing more). Walking the order, each item adds what its layer's next rank
-    costs, so the cost of every prefix is one cumulative sum, and a budget is met by one binary search over it.
+    cost keeps all its ranks (they cost nothing more; not under the threshold selection, where a layer keeps just
+    its scores above the threshold). Walking the order, each item adds what its layer's next rank costs, so the
+    cost of every prefix is one cumulative sum, and a budget is met by one binary search over it.
     Holds about 20 bytes per score, plus 8 per score for each storage a memory budget was asked in.
     """
 
@@ -277,17 +315,20 @@ class Ranking:
         added = price(taken + 1, in_features, out_features) - price(taken, in_features, out_features)  # (n,)
         return torch.cat([added.new_zeros(1), added.cumsum(0)])
 
-    def bytes(self, storage) -> tuple[torch.Tensor, torch.Tensor]:
+    def bytes(self, storage, extra_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(n + 1,) bytes of the compressed layers' weights in ``storage`` at every prefix length, and their suffix
-        minimum: the fewest bytes of this or any longer prefix (computed once per storage).
+        minimum: the fewest bytes of this or any longer prefix (computed once per storage). ``extra_rank``: ranks
+        every layer stores on top of its kept ones (a whole-layer LoRA term, see :func:`stored_rank`).
 
         Bytes are not monotone in the prefix: a layer turning dense gives some back (an aligned layer's row order
         goes, in 4 bits two partly filled blocks of absmax become one). The longest prefix that fits a budget is the
         last position whose suffix minimum fits, found by one search; a larger budget finds a longer one (nested)."""
-        if storage not in self._bytes:
-            sizes = self._prefix_totals(lambda r, i, o: layer_bytes(r, i, o, storage, self.rule))
-            self._bytes[storage] = sizes, sizes.flip(0).cummin(0).values.flip(0)
-        return self._bytes[storage]
+        if (storage, extra_rank) not in self._bytes:
+            price = lambda r, i, o: layer_bytes(stored_rank(r, i, o, extra_rank), i, o, storage, self.rule)  # noqa: E731
+            sizes = self._prefix_totals(price) + price(torch.zeros_like(self.in_features), self.in_features,
+                                                       self.out_features).sum()  # fmt: skip
+            self._bytes[storage, extra_rank] = sizes, sizes.flip(0).cummin(0).values.flip(0)
+        return self._bytes[storage, extra_rank]
 
     def is_for(self, scores: list[torch.Tensor], shapes: list[tuple[int, int]], rule: str) -> bool:
         """Whether this ranking still describes ``scores`` under cost ``rule``: the same tensors, unchanged since
@@ -306,20 +347,23 @@ class Ranking:
         """Whether every score tensor it was built from still exists."""
         return all(ref() is not None for ref, _, _ in self._sources)
 
-    def rounded_ranks(self, prefix: int, multiple: int) -> torch.Tensor:
+    def rounded_ranks(self, prefix: int, multiple: int, whole: bool = True) -> torch.Tensor:
         """(L,) each layer's kept rank for the first ``prefix`` items, rounded up to a multiple of ``multiple`` (at
-        most its full rank); a layer whose rounded rank is stored dense keeps its full rank."""
+        most its full rank); with ``whole``, a layer whose rounded rank is stored dense keeps its full rank."""
         counts = torch.bincount(self._layer_of[:prefix], minlength=len(self.ranks))  # (L,)
         full = torch.tensor(self.ranks, dtype=torch.int64)
         rounded = torch.minimum((counts + multiple - 1) // multiple * multiple, full)
+        if not whole:
+            return rounded
         return torch.where(is_dense_rank(rounded, self.in_features, self.out_features, self.rule), full, rounded)
 
-    def rounded_cost(self, prefix: int, multiple: int, storage=None) -> int:
-        """Weights (or with ``storage``, bytes) of the plan that rounds the first ``prefix`` items' ranks up."""
-        ranks = self.rounded_ranks(prefix, multiple)
+    def rounded_cost(self, prefix: int, multiple: int, storage=None, extra_rank: int = 0, whole: bool = True) -> int:
+        """Weights (or with ``storage``, bytes, each layer storing ``extra_rank`` more ranks) of the plan that rounds
+        the first ``prefix`` items' ranks up."""
+        ranks, ins, outs = self.rounded_ranks(prefix, multiple, whole), self.in_features, self.out_features
         if storage is None:
-            return int(rank_cost(ranks, self.in_features, self.out_features, self.rule).sum())
-        return int(layer_bytes(ranks, self.in_features, self.out_features, storage, self.rule).sum())
+            return int(rank_cost(ranks, ins, outs, self.rule).sum())
+        return int(layer_bytes(stored_rank(ranks, ins, outs, extra_rank), ins, outs, storage, self.rule).sum())
 
     def keep_ranks(self, ranks: torch.Tensor) -> list[torch.Tensor]:
         """One boolean keep mask (k,) per layer keeping its ``ranks[l]`` best items, by the global order."""
@@ -328,12 +372,27 @@ class Ranking:
         ranks = ranks.tolist()
         return [p < (s[r - 1] + 1 if r else 0) for p, s, r in zip(self._places, self._sorted_places, ranks)]
 
-    def keep(self, prefix: int) -> list[torch.Tensor]:
-        """One boolean keep mask (k,) per layer for the first ``prefix`` items: one comparison per score."""
-        dense = (self._dense_from <= prefix).tolist()  # a layer stored dense keeps all its ranks: they cost no more
+    def keep(self, prefix: int, whole: bool = True) -> list[torch.Tensor]:
+        """One boolean keep mask (k,) per layer for the first ``prefix`` items: one comparison per score. With
+        ``whole``, a layer stored dense keeps all its ranks: they cost no more."""
+        dense = (self._dense_from <= prefix).tolist() if whole else [False] * len(self.ranks)
         # Layer by layer: each comparison is small enough to run on one thread, while one (n,) comparison would be
         # split across threads and, on a busy machine, wait for the slowest (about a scheduler tick, ~8 ms here).
         return [torch.ones_like(p, dtype=torch.bool) if d else p < prefix for p, d in zip(self._places, dense)]
+
+
+    def threshold_prefixes(self) -> torch.Tensor:
+        """(B,) the prefix lengths, ascending, that keep exactly the scores above some threshold: 0, n, and every
+        position where the score changes (a block of equal scores is never split). Computed once."""
+        if not hasattr(self, "_thresholds"):
+            flat = torch.cat([ref().detach().to(device="cpu", dtype=torch.float32).flatten()
+                              for ref, _, _ in self._sources])  # fmt: skip
+            key = torch.empty_like(flat, dtype=torch.int32)
+            key[torch.cat(self._places).long()] = _descending_key(flat)  # (n,) in order: ascending
+            change = torch.nonzero(key[1:] != key[:-1]).squeeze(1) + 1
+            self._thresholds = torch.cat([torch.zeros(1, dtype=torch.int64), change, torch.tensor([key.numel()])])
+            self._thresholds = self._thresholds.unique_consecutive()
+        return self._thresholds
 
 
 _RANKINGS: list[Ranking] = []  # the last few score maps seen, most recent last
@@ -368,7 +427,7 @@ def _check_multiple(rank_multiple) -> int:
 
 def plan_pruning(
     scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, rank_multiple: int = 1,
-    rule: str = "aligned",
+    rule: str = "aligned", selection: str = "ranked",
 ) -> tuple[list[torch.Tensor], int]:
     """Choose which singular values to keep so that the compressed layers cost at least ``budget`` weights, by as
     little as one rank allows: the shortest prefix of the global ranking (see :class:`Ranking`) whose cost reaches
@@ -385,40 +444,61 @@ def plan_pruning(
         budget: weights the compressed layers may cost (biases excluded); clipped to [0, every layer dense].
         rank_multiple: round every kept rank up to a multiple of this (1: no rounding).
         rule: the cost rule of the model (see :data:`RANK_COSTS`).
+        selection: which prefixes may be taken (see :data:`SELECTIONS`): with ``"threshold"`` only those ending a
+            block of equal scores, short of the whole ranking (at least the lowest block is pruned, as the original
+            implementation prunes; for everything, keep everything), and the longest one when none reaches the
+            budget; a layer keeps just its prefix's ranks.
 
     Returns:
         One boolean keep mask per layer, and the cost of the plan in weights.
     """
     order, multiple = ranking(scores, shapes, rule), _check_multiple(rank_multiple)
+    whole = check_selection(selection) == "ranked"
     budget = min(max(int(budget), 0), int(order.cost[-1]))
-    prefix = int(torch.searchsorted(order.cost, budget))  # the shortest prefix that costs at least the budget
+    if whole:  # every prefix may be taken: prefix j is j
+        taken, last = None, order.cost.numel() - 1
+    else:
+        taken = order.threshold_prefixes()
+        taken = taken[:-1] if taken.numel() > 1 else taken  # never the whole ranking
+        last = taken.numel() - 1
+    at = (lambda j: j) if taken is None else (lambda j: int(taken[j]))  # noqa: E731
+    costs = order.cost if taken is None else order.cost.index_select(0, taken)
+    j = min(int(torch.searchsorted(costs, budget)), last)  # the shortest allowed prefix that costs at least the budget
     if multiple == 1:
-        return order.keep(prefix), int(order.cost[prefix])
-    # Rounding up only adds ranks, so the rounded plan of `prefix` already reaches the budget: search below it.
-    prefix = _search(0, prefix, lambda p: p == 0 or order.rounded_cost(p - 1, multiple) < budget)
-    ranks = order.rounded_ranks(prefix, multiple)
-    return order.keep_ranks(ranks), order.rounded_cost(prefix, multiple)
+        return order.keep(at(j), whole), int(order.cost[at(j)])
+    # Rounding up only adds ranks, so the rounded plan of `j` already reaches the budget: search below it.
+    j = _search(0, j, lambda i: i == 0 or order.rounded_cost(at(i - 1), multiple, whole=whole) < budget)
+    ranks = order.rounded_ranks(at(j), multiple, whole)
+    return order.keep_ranks(ranks), order.rounded_cost(at(j), multiple, whole=whole)
 
 
 def plan_memory(
     scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int, storage, rank_multiple: int = 1,
-    rule: str = "aligned",
+    rule: str = "aligned", extra_rank: int = 0, selection: str = "ranked",
 ) -> tuple[list[torch.Tensor], int]:
     """The largest prefix of the global ranking whose compressed layers' weights take at most ``budget`` bytes in
     ``storage`` (see :func:`layer_bytes`); the same order as :func:`plan_pruning`, so also nested. With
     ``rank_multiple``, the largest prefix whose plan, ranks rounded up as in :func:`plan_pruning`, fits; ``rule`` the
-    model's cost rule.
+    model's cost rule; ``extra_rank`` the ranks each layer stores beyond its kept ones (:func:`stored_rank`);
+    ``selection`` which prefixes may be taken (with ``"threshold"``: the longest that ends a block of equal scores).
 
     Returns:
         One boolean keep mask per layer, and the bytes of the plan's weights.
     """
     order, multiple = ranking(scores, shapes, rule), _check_multiple(rank_multiple)
-    sizes, least = order.bytes(storage)  # (n + 1,) each
-    prefix = int(torch.searchsorted(least, int(budget), right=True)) - 1  # the longest prefix within the budget
-    if prefix < 0:  # every layer at rank 0 takes 0 bytes: only a negative budget gets here
+    whole = check_selection(selection) == "ranked"
+    sizes, least = order.bytes(storage, extra_rank)  # (n + 1,) each
+    if whole:
+        taken, j = None, int(torch.searchsorted(least, int(budget), right=True)) - 1  # the longest prefix that fits
+    else:
+        taken = order.threshold_prefixes()
+        fits = torch.nonzero(sizes.index_select(0, taken) <= int(budget)).squeeze(1)
+        j = int(fits[-1]) if fits.numel() else -1
+    if j < 0:  # every layer at rank 0 (plus extra_rank) is the least: a smaller budget gets here
         raise ValueError(f"no plan fits {budget} bytes")
+    at = (lambda i: i) if taken is None else (lambda i: int(taken[i]))  # noqa: E731
     if multiple == 1:
-        return order.keep(prefix), int(sizes[prefix])
-    prefix = _search(0, prefix, lambda p: order.rounded_cost(p, multiple, storage) <= budget)
-    ranks = order.rounded_ranks(prefix, multiple)
-    return order.keep_ranks(ranks), order.rounded_cost(prefix, multiple, storage)
+        return order.keep(at(j), whole), int(sizes[at(j)])
+    j = _search(0, j, lambda i: order.rounded_cost(at(i), multiple, storage, extra_rank, whole) <= budget)
+    ranks = order.rounded_ranks(at(j), multiple, whole)
+    return order.keep_ranks(ranks), order.rounded_cost(at(j), multiple, storage, extra_rank, whole)

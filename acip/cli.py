@@ -1,6 +1,7 @@
 """The ``acip`` command line: ``acip compress`` (the ACIP run), ``acip eval`` (perplexity across size ratios,
 zero-shot tasks, size and speed), ``acip finetune`` (LoRA on a compressed model), ``acip export`` (a folder
-ready for the Hub, optionally pushed) and ``acip package`` (a compressed model compiled ahead of time).
+ready for the Hub, optionally pushed), ``acip package`` (a compressed model compiled ahead of time) and ``acip
+convert`` (a checkpoint of the original ACIP implementation as an acip model folder).
 
 A mistake on the command line ends in one line on stderr, ``acip COMMAND: error: MESSAGE``, as argparse words its own:
 exit status 2 for bad arguments (what acip's checks refuse: the library raises ValueError, FileNotFoundError and
@@ -29,7 +30,7 @@ from .finetune import FinetuneConfig, finetune
 from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
 from .inputs import check_data_source
-from .records import EXPORT_FILE, FINETUNE_FILE, RUN_FILE
+from .records import CONVERT_FILE, EXPORT_FILE, FINETUNE_FILE, RUN_FILE
 from .runs import recorded_settings
 from .sizes import check_acip_model, check_ratio_suits, check_ratios, load_at_size
 from .training import PRESETS, ACIPRunConfig, preset, run_acip
@@ -144,6 +145,21 @@ def package_main(args: argparse.Namespace) -> None:
           "acip.aot.PackagedLM(path).generate(input_ids, max_new_tokens)")  # fmt: skip
 
 
+def convert_main(args: argparse.Namespace) -> None:
+    """acip convert: a checkpoint of the original ACIP implementation as an acip model folder (acip.convert)."""
+    from .convert import convert
+
+    start = time.perf_counter()
+    out = convert(args.src, args.out, base_model=args.base_model, dtype=args.dtype, overwrite=args.overwrite,
+                  max_shard_size=args.max_shard_size)  # fmt: skip
+    record = json.loads((out / CONVERT_FILE).read_text())
+    lora = record.get("lora")
+    held = f"; its LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) is added at every size" if lora else ""
+    print(f"converted {args.src} into {out} in {time.perf_counter() - start:.0f} s: {record['layers']} parametrized "
+          f"layers, {record['dtype']}{held}; prune it with model.prune_model_by_score(compression_ratio=...), as "
+          "the original did")  # fmt: skip
+
+
 def eval_main(args: argparse.Namespace) -> None:
     """acip eval: held-out perplexity across size ratios (default), zero-shot tasks (--tasks) or size, memory and
     speed (--efficiency) of a saved ACIP model; tables are printed and written next to the model."""
@@ -212,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="acip", description="Any Compression via Iterative Pruning")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_compress, _add_finetune, _add_export, _add_eval, _add_package):
+    for add_command in (_add_compress, _add_finetune, _add_export, _add_eval, _add_package, _add_convert):
         add_command(commands)
     commands.metavar = "{" + ",".join(commands.choices) + "}"  # argparse's own, so that its error names them too
     for command in commands.choices.values():  # also after the command's name; unset, it keeps acip --debug's value
@@ -278,6 +294,25 @@ def _add_package(commands) -> None:
     package.add_argument("--max-cache-len", type=int, default=1024, help="prompt + generated tokens at most")
     package.add_argument("--overwrite", action="store_true", help="replace an existing package when done")
     package.set_defaults(main=package_main)
+
+
+CONVERT_HELP = ("convert a checkpoint of the original ACIP implementation (e.g. MerantixMomentum/acip_llama2_7b) "
+                "into an acip model folder: the same model, prunable, on today's transformers")
+
+
+def _add_convert(commands) -> None:
+    """``acip convert``: a checkpoint of the original implementation as an acip model folder."""
+    convert = commands.add_parser("convert", help=CONVERT_HELP)
+    convert.add_argument("src", metavar="SRC", help="the original checkpoint: a folder, or a Hub id")
+    convert.add_argument("out", metavar="OUT", help="the folder to write")
+    convert.add_argument("--base-model", default=None, help="where the base model's config comes from (a folder or "
+                         "a Hub id; default: the repository the checkpoint names, often gated)")  # fmt: skip
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                         help="weight dtype (default: as in src; masks and scores stay float32)")  # fmt: skip
+    convert.add_argument("--max-shard-size", default="5GB", help="largest weight file written (e.g. 5GB)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a previous acip result in out, once "
+                         "the new one is complete")  # fmt: skip
+    convert.set_defaults(main=convert_main)
 
 
 def _add_eval(commands) -> None:

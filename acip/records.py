@@ -3,9 +3,9 @@ the files it wrote.
 
 The ACIP run writes ``acip_run.json`` and ``run_log.jsonl``; fine-tuning writes ``finetune_run.json`` and
 ``finetune_log.jsonl`` (and copies the ACIP run's record, so that a model card can tell how the score map came about);
-an export writes ``acip_export.json``. A finished record lists every file of its folder (``files``): that is how acip
-recognises a folder it wrote, and the only kind of folder ``--overwrite`` replaces (a run still in progress: its
-record, its log and its checkpoints).
+an export writes ``acip_export.json``, a conversion (acip convert) ``acip_convert.json``. A finished record lists
+every file of its folder (``files``): that is how acip recognises a folder it wrote, and the only kind of folder
+``--overwrite`` replaces (a run still in progress: its record, its log and its checkpoints).
 """
 
 import json
@@ -17,11 +17,13 @@ RUN_LOG = "run_log.jsonl"
 FINETUNE_FILE = "finetune_run.json"
 FINETUNE_LOG = "finetune_log.jsonl"
 EXPORT_FILE = "acip_export.json"
+CONVERT_FILE = "acip_convert.json"
 # The record that makes a folder what it is, most specific first: a fine-tuned model carries a copy of the ACIP
 # run's record, an export copies both.
 KINDS = {EXPORT_FILE: "an export (acip export)", FINETUNE_FILE: "a fine-tuning run (acip finetune)",
-         RUN_FILE: "an ACIP run (acip compress)"}  # fmt: skip
-COMMANDS = {EXPORT_FILE: "acip export", FINETUNE_FILE: "acip finetune", RUN_FILE: "acip compress"}
+         RUN_FILE: "an ACIP run (acip compress)", CONVERT_FILE: "a converted checkpoint (acip convert)"}  # fmt: skip
+COMMANDS = {EXPORT_FILE: "acip export", FINETUNE_FILE: "acip finetune", RUN_FILE: "acip compress",
+            CONVERT_FILE: "acip convert"}  # fmt: skip
 # What acip may have added to a folder after it was written: acip eval's reports.
 ADDED_LATER = ("eval_perplexity.json", "eval_perplexity.csv", "eval_perplexity.png", "eval_efficiency.json",
                "eval_efficiency.csv", "eval_zeroshot.json")  # fmt: skip

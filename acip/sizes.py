@@ -41,6 +41,11 @@ def check_acip_model(name: str, model_dir) -> dict | None:
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{name}: {path} is not a model's config (not JSON: {error})") from None
     kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind == "acip_model":
+        raise ValueError(
+            f"{name} {os.fspath(model_dir)} is a checkpoint of the original ACIP implementation: convert it first "
+            f"with acip convert {os.fspath(model_dir)} OUT --base-model BASE (acip.convert.convert)"
+        )
     if kind != "acip":
         what = f"a {kind} model" if isinstance(kind, str) else "a model of no known type (no model_type in config.json)"
         raise ValueError(

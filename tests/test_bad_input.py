@@ -1,9 +1,10 @@
-"""Bad input to the public API (run_acip, finetune, export_model) and to every command of the command line (compress,
-finetune, eval, export, package): each case is refused, by the API with an error of the expected type whose message
-names the argument, by the command with that message as one line on stderr and exit status 2 (1 for a failure at
-run time: a folder another process holds), and nothing changes: neither the model given nor any file of any folder
-involved (every folder of the test's tree is listed and hashed before and after)."""
+"""Bad input to the public API (run_acip, finetune, export_model, convert) and to every command of the command line
+(compress, finetune, eval, export, package, convert): each case is refused, by the API with an error of the expected
+type whose message names the argument, by the command with that message as one line on stderr and exit status 2 (1
+for a failure at run time: a folder another process holds), and nothing changes: neither the model given nor any file
+of any folder involved (every folder of the test's tree is listed and hashed before and after)."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,10 +15,11 @@ import types
 
 import pytest
 import torch
-from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, words_file
+from conftest import save_tiny_run, tiny_base_model, tiny_tokenizer, upstream_base, upstream_copy, words_file
 
 from acip import ACIPModel
 from acip.cli import main
+from acip.convert import convert
 from acip.export import export_model
 from acip.finetune import FinetuneConfig, FinetuneTask, finetune
 from acip.records import RUN_FILE
@@ -72,9 +74,59 @@ def env(tmp_path_factory):
             start()
     for name in ("tuned_from", "acip"):  # lock files, as earlier acip commands that wrote these folders left them
         (root / f".{name}.acip-lock").touch()
+    original_checkpoints(root / "original")
     model = tiny_base_model()
     return types.SimpleNamespace(root=root, acip=acip_dir, base=base_dir, words=words, model=model,
                                  run_config=run_config, tune_config=tune_config)  # fmt: skip
+
+
+def original_checkpoints(root):
+    """Checkpoints of the original ACIP implementation (the llama fixture), sound and damaged, for acip convert."""
+    upstream_copy(root / "llama", "llama")
+    shutil.copytree(upstream_base("llama"), root / "base")
+    shutil.copytree(upstream_base("qwen2"), root / "qwen2_base")
+    shutil.copytree(upstream_base("llama"), root / "narrow_base")
+    narrow = json.loads((root / "narrow_base" / "config.json").read_text())
+    (root / "narrow_base" / "config.json").write_text(json.dumps({**narrow, "intermediate_size": 144}))
+    parametrization = lambda **kwargs: lambda c: c["parametrization_config"].update(kwargs)  # noqa: E731
+    upstream_copy(root / "unknown_parametrization", edit_config=parametrization(module_factory_cls="lowrank"))
+    sigmoid = {"mask_func": "sigmoid", "mask_scaling_factor": 0.02}
+    upstream_copy(root / "unknown_mask_function", edit_config=parametrization(module_factory_kwargs=sigmoid))
+    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    upstream_copy(root / "4bit_config", edit_config=lambda c: c.update(weight_quantization_config=quantization))
+    packed = "model.model.layers.0.mlp.up_proj.base_layer.parametrization.base.weight"
+    upstream_copy(root / "4bit_tensors", tensors={packed: torch.zeros(2048, 1, dtype=torch.uint8),
+                                                  f"{packed}.absmax": torch.ones(64)})  # fmt: skip
+    upstream_copy(root / "missing_lora_b", drop=["model.model.layers.1.mlp.up_proj.lora_B.default.weight"])
+    upstream_copy(root / "missing_norm", drop=["model.model.norm.weight"])
+    upstream_copy(root / "extra_tensor", tensors={"model.model.extra.weight": torch.ones(3)})
+    torn = upstream_copy(root / "torn_file", "llama")
+    data = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    sharded = upstream_copy(root / "missing_shard", "llama", shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+
+
+def original(env, name="llama"):
+    return env.root / "original" / name
+
+
+@contextlib.contextmanager
+def offline():
+    """The Hub offline for this call (conftest sets HF_HUB_OFFLINE after huggingface_hub has read it)."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def to_acip(env, src, out=None, base_model="base", **options):
+    """acip convert's function on an original checkpoint (by name under original/), offline."""
+    base = None if base_model is None else original(env, base_model)
+    with offline():
+        convert(original(env, src) if isinstance(src, str) else src, out or env.root / "new", base_model=base,
+                **options)  # fmt: skip
 
 
 def compress(env, output, resume=False, overwrite=False, **settings):
@@ -419,6 +471,93 @@ def export_into_a_file(env):
     export(env, env.acip, env.words)
 
 
+# -- converting a checkpoint of the original implementation (convert) -------------------------------------------
+
+
+@case(ValueError, r"src .*base is a plain llama model, not a checkpoint of the original ACIP implementation")
+def convert_a_plain_model(env):
+    to_acip(env, env.base)
+
+
+@case(ValueError, r"src .*acip is already one of acip's ACIP model folders .*nothing to convert")
+def convert_one_of_our_acip_models(env):
+    to_acip(env, env.acip)
+
+
+@case(ValueError, r"base_model: the base model fixture/tiny-llama-base that src names could not be reached .*gated"
+      r".*--base-model")
+def convert_without_a_reachable_base_config(env):
+    to_acip(env, "llama", base_model=None)
+
+
+@case(FileNotFoundError, "base_model: no such folder")
+def convert_missing_base_model(env):
+    to_acip(env, "llama", base_model="missing")
+
+
+# What acip convert says of each damaged original checkpoint under original/, given the right base config (and of the
+# llama fixture given the wrong one): a regex for each, one per line after the folder's name. The function raises
+# ValueError (FileNotFoundError for a missing shard), the command ends with exit status 2; case ids name the folder.
+CONVERT_REFUSALS = r"""
+narrow_base              narrow_base's config does not match src .*: model.*down_proj.lora_A.default.weight has shape \[8, 160\], the config gives \[8, 144\]
+qwen2_base               does not hold the tensors .*qwen2_base's config needs: missing model.lm_head.weight, model.model.layers.0.self_attn.k_proj.base_layer.parametrization.ortho.bias
+unknown_parametrization  uses the parametrization module_factory_cls='lowrank'; acip converts the SVD parametrization
+unknown_mask_function    src .*unknown_mask_function uses the mask function mask_func='sigmoid'
+4bit_config              src .*4bit_config is a 4-bit checkpoint .*convert from the unquantized one
+4bit_tensors             holds quantized \(4-bit or integer\) tensors.*convert from the unquantized
+missing_lora_b           lacks tensors of the parametrized layer model.model.layers.1.mlp.up_proj: missing model.model.layers.1.mlp.up_proj.lora_B.default.weight
+missing_norm             src .*missing_norm does not hold the tensors .*: missing model.model.norm.weight
+extra_tensor             src .*extra_tensor does not hold the tensors .*: extra model.model.extra.weight
+torn_file                src: .*torn_file/model.safetensors is not a complete safetensors file .*torn shard
+missing_shard            src: model.safetensors.index.json names the shard model-00002-of-00003.safetensors, which is not in
+"""  # noqa: E501
+CLI_REFUSALS = []  # (command, match): registered as command-line cases below, once cli_case exists
+
+
+def _register_convert_refusal(folder: str, match: str) -> None:
+    """The two cases of one line of CONVERT_REFUSALS: convert_<folder> (the function) and cli_convert_<folder>."""
+    src, base_model = ("llama", folder) if folder.endswith("_base") else (folder, "base")
+
+    def call(env):
+        to_acip(env, src, base_model=base_model)
+
+    def command(env):
+        cli_convert(env, src, base_model=base_model)
+
+    call.__name__, command.__name__ = f"convert_{folder}", f"cli_convert_{folder}"
+    case(FileNotFoundError if folder == "missing_shard" else ValueError, match)(call)
+    CLI_REFUSALS.append((command, match))
+
+
+for _line in CONVERT_REFUSALS.strip().splitlines():
+    _register_convert_refusal(*_line.split(maxsplit=1))
+
+
+@case(ValueError, r"dtype must be one of \('float32', 'bfloat16', 'float16'\)")
+def convert_an_unknown_dtype(env):
+    to_acip(env, "llama", dtype="int8")
+
+
+@case(ValueError, "out must differ from src")
+def convert_into_its_source(env):
+    to_acip(env, "llama", out=original(env, "llama"))
+
+
+@case(ValueError, "out must not be inside src")
+def convert_into_a_subfolder_of_its_source(env):
+    to_acip(env, "llama", out=original(env, "llama") / "converted")
+
+
+@case(FileExistsError, "out .*user holds files acip did not write")
+def convert_overwriting_a_users_folder(env):
+    to_acip(env, "llama", out=env.root / "user", overwrite=True)
+
+
+@case(FileExistsError, "out .*user is not empty; pass overwrite=True")
+def convert_into_a_users_folder(env):
+    to_acip(env, "llama", out=env.root / "user")
+
+
 # -- the command line: every subcommand ----------------------------------------------------------------------------
 
 CLI_CASES = []
@@ -552,6 +691,12 @@ def cli_eval_a_plain_model(env):
     main(["eval", str(env.base)])
 
 
+@cli_case(2, r"model_dir .*original/llama is a checkpoint of the original ACIP implementation: convert it first with "
+          r"acip convert")
+def cli_eval_an_original_checkpoint(env):
+    main(["eval", str(original(env)), "--ratios", "0.5"])
+
+
 @cli_case(2, "data: no such file")
 def cli_eval_missing_text(env):
     main(["eval", str(env.acip), "--data", str(env.root / "missing.txt")])
@@ -608,6 +753,46 @@ def cli_export_push_without_repo_id(env):
 @cli_case(2, r"argument --quantize: invalid choice: 'int3'")
 def cli_export_unknown_quantization(env):
     main(["export", str(env.acip), str(env.root / "new"), "--quantize", "int3"])
+
+
+def cli_convert(env, src, *options, out=None, base_model="base"):
+    """acip convert of an original checkpoint (by name under original/) into ``out``, offline."""
+    source = original(env, src) if isinstance(src, str) else src
+    base = [] if base_model is None else ["--base-model", str(original(env, base_model))]
+    with offline():
+        main(["convert", str(source), str(out or env.root / "new"), *base, *options])
+
+
+@cli_case(2, r"src .*base is a plain llama model, not a checkpoint of the original ACIP implementation")
+def cli_convert_a_plain_model(env):
+    cli_convert(env, env.base)
+
+
+@cli_case(2, r"src .*acip is already one of acip's ACIP model folders")
+def cli_convert_one_of_our_acip_models(env):
+    cli_convert(env, env.acip)
+
+
+@cli_case(2, r"base_model: the base model fixture/tiny-llama-base that src names could not be reached .*--base-model")
+def cli_convert_without_a_reachable_base_config(env):
+    cli_convert(env, "llama", base_model=None)
+
+
+for _command, _match in CLI_REFUSALS:
+    cli_case(2, _match)(_command)
+
+
+@cli_case(2, r"argument --dtype: invalid choice: 'int8'")
+def cli_convert_an_unknown_dtype(env):
+    cli_convert(env, "llama", "--dtype", "int8")
+
+
+@cli_case(1, r"out .*run is in use by process \d+")
+def cli_convert_into_a_busy_folder(env):
+    from acip.folders import folder_lock
+
+    with folder_lock(env.root / "run"):
+        cli_convert(env, "llama", "--overwrite", out=env.root / "run")
 
 
 def package(env, *options, model=None, out="m.pt2"):
@@ -674,9 +859,9 @@ def snapshot(root) -> dict[str, str]:
 
 
 def test_enough_cases():
-    assert len(CASES) >= 30 and {c.id.split("_")[0] for c in CASES} == {"compress", "finetune", "export"}
+    assert len(CASES) >= 30 and {c.id.split("_")[0] for c in CASES} == {"compress", "finetune", "export", "convert"}
     commands = {c.id.split("_")[1] for c in CLI_CASES}
-    assert commands == {"compress", "finetune", "eval", "export", "package"}
+    assert commands == {"compress", "finetune", "eval", "export", "package", "convert"}
     for command in commands:  # each command: refused arguments (2) and, but for package, a busy folder (1)
         statuses = {c.values[1] for c in CLI_CASES if c.id.split("_")[1] == command}
         assert statuses == ({2} if command in ("export", "package") else {1, 2}), command

@@ -19,6 +19,7 @@ def test_config_json_alone_rebuilds_it(tmp_path):
     assert (loaded.target_modules, loaded.mask_constant, loaded.basis) == (["model.layers.0.mlp.up_proj"], 0.05,
                                                                            "whitened")  # fmt: skip
     assert loaded.base_model_name_or_path == "org/base" and not loaded.compressed
+    assert (loaded.lora_rank, loaded.selection, loaded.rank_cost) == (0, "ranked", "aligned")  # acip's own defaults
     assert loaded.auto_map == AUTO_MAP and set(AUTO_MAP) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
 
@@ -37,6 +38,9 @@ def test_a_compressed_config_lists_each_layer_once():
     (dict(basis="qr"), "basis must be one of"),
     (dict(mask_constant=0.0), "mask_constant must be > 0"),
     (dict(target_modules=["a"], fused_groups=[["a"]]), "fused_groups must list compressed target modules"),
+    (dict(lora_rank=-1), "lora_rank must be an integer >= 0"),
+    (dict(lora_rank=2.5), "lora_rank must be an integer >= 0"),
+    (dict(selection="nearest"), "selection must be one of"),
 ])  # fmt: skip
 def test_settings_a_model_cannot_have_are_refused(settings, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_acip_model, tiny_base_model, tiny_tokenizer, token_ids
+from conftest import original_prune, tiny_acip_model, tiny_base_model, tiny_tokenizer, token_ids
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, pipeline
 
@@ -651,3 +651,16 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a complete safetensors file"):
             AutoModelForCausalLM.from_pretrained(tmp_path)
         assert folder_files(tmp_path) == files
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_threshold_selection_prunes_as_the_original(kind):
+    model = tiny_acip_model(kind, rank_cost="factors")
+    model.config.selection = "threshold"
+    g = torch.Generator().manual_seed(2)
+    model.score_map = {n: torch.randint(-30, 3, s.shape, generator=g).float() for n, s in model.score_map.items()}
+    for ratio in (1.0, 0.95, 0.9, 0.8, 0.7, 0.55, 0.4, 0.25, 0.1):
+        model.prune_model_by_score(compression_ratio=ratio)
+        expected = original_prune(model, ratio)
+        assert all(torch.equal(m.kept, k) for m, k in zip(model.acip_layers().values(), expected)), ratio
+        assert ratio == 1.0 or model.get_size_ratio() > ratio

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from acip.hub.parametrization import AlignedLowRankLinear, FactorCorrection, LowRankLinear, SVDLinear, dominant_rows
+from acip.hub.parametrization import (
+    AlignedLowRankLinear,
+    FactorCorrection,
+    LayerLoRA,
+    LowRankLinear,
+    SVDLinear,
+    dominant_rows,
+)
 
 
 def _dense(in_features=24, out_features=40, bias=True, seed=0):
@@ -234,3 +241,47 @@ def test_a_correction_applies_only_to_a_pruned_layer_by_its_pruned_share():
             torch.testing.assert_close(layer.compressed(rule)(x), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="correction_ramp must be > 0"):
         FactorCorrection(24, 40, 24, 3, 0.0)
+
+
+def _with_lora(in_features=24, out_features=40, rank=3, seed=0):
+    """An SVD layer with a whole-layer LoRA term of non-zero weights."""
+    layer = SVDLinear.from_linear(_dense(in_features, out_features, seed=seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        lora = LayerLoRA(in_features, out_features, rank)
+        lora.a.copy_(0.3 * torch.randn(lora.a.shape, generator=generator))
+        lora.b.copy_(0.3 * torch.randn(lora.b.shape, generator=generator))
+    layer.layer_lora = lora
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("rule", ["aligned", "factors"])
+def test_a_layer_lora_is_added_at_every_size_and_compressed_as_extra_ranks(shape, rule):
+    layer, dense = _with_lora(*shape), _dense(*shape)
+    x = torch.randn(3, shape[0])
+    lora = layer.layer_lora
+    assert layer.lora_rank == 3 and not isinstance(lora, nn.Linear) and not any(
+        isinstance(m, nn.Linear) for m in lora.modules())  # peft "all-linear" and quantize() leave it alone
+    for pruned in (0, 5, 12, 20, 24):
+        keep = torch.ones(min(shape), dtype=torch.bool)
+        keep[min(shape) - pruned:] = False
+        layer.set_kept(keep)
+        u, sv = layer.effective_factors(keep)
+        expected = x @ (u @ sv + lora.b @ lora.a).T + layer.bias
+        if not pruned:
+            torch.testing.assert_close(expected, dense(x) + x @ (lora.b @ lora.a).T, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # kept ranks only
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)  # the training path
+        small = layer.compressed(rule)
+        torch.testing.assert_close(small(x), expected, atol=1e-4, rtol=1e-4)
+        stored = min(shape) - pruned + 3
+        if isinstance(small, nn.Linear):  # merged: a layer whose stored rank is not smaller dense
+            assert stored >= min(shape) or small.weight.numel() <= stored * sum(shape)
+        else:
+            assert small.rank == stored
+        counted = layer.num_params(rule)
+        layer.layer_lora = None
+        assert layer.num_params(rule) == counted  # the term is not counted by the size ratio, as in the original
+        layer.layer_lora = lora

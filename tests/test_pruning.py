@@ -346,3 +346,76 @@ def test_rank_multiple_one_is_the_plain_plan_and_bad_values_are_rejected():
     for bad in (0, -8, 2.5, True, "8"):
         with pytest.raises(ValueError, match="rank_multiple"):
             plan_pruning(scores, SHAPES, 500, rank_multiple=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The threshold selection (the original implementation's): score > t for a threshold t, ties kept or pruned together
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def threshold_reference(scores, shapes, budget, rule):
+    """Keep masks of the sets ``score > t`` (t: every score value, the lowest block always pruned), as the original
+    chooses them: the one of fewest parameters costing at least ``budget`` (of those, the highest threshold: the
+    original prunes as many as it can), else the largest such set."""
+    flat = torch.cat(scores)
+    values = sorted(set(flat.tolist()))
+    plans = []
+    for t in values:  # ascending thresholds: descending sizes
+        keep = [s > t for s in scores]
+        cost = sum(rank_cost(int(k.sum()), i, o, rule) for k, (i, o) in zip(keep, shapes))
+        plans.append((cost, keep))
+    reaching = [plan for plan in plans if plan[0] >= budget]
+    return min(reversed(reaching), key=lambda p: p[0]) if reaching else plans[0]
+
+
+@pytest.mark.parametrize("rule", RANK_COSTS)
+def test_the_threshold_selection_keeps_whole_tie_blocks(rule):
+    g = torch.Generator().manual_seed(3)
+    k = [min(s) for s in SHAPES]
+    tied = [torch.randint(-6, 3, (n,), generator=g).float() for n in k]  # scores of masks dead at the same step
+    distinct = [torch.randn(n, generator=g) for n in k]
+    total = sum(i * o for i, o in SHAPES)
+    for scores in (tied, distinct):
+        for budget in [0, 1, 100, total // 3, total // 2, total - 1, total]:
+            keep, cost = plan_pruning(scores, SHAPES, budget, rule=rule, selection="threshold")
+            expected_cost, expected = threshold_reference(scores, SHAPES, budget, rule)
+            assert cost == expected_cost, budget
+            assert all(torch.equal(a, b) for a, b in zip(keep, expected)), budget
+            kept = torch.cat([s[m] for s, m in zip(scores, keep)])
+            pruned = torch.cat([s[~m] for s, m in zip(scores, keep)])
+            assert pruned.numel() and (not kept.numel() or kept.min() > pruned.max())  # a threshold set
+    with pytest.raises(ValueError, match="selection must be one of"):
+        plan_pruning(distinct, SHAPES, 10, selection="nearest")
+
+
+def test_threshold_memory_plans_fit_and_are_nested():
+    g = torch.Generator().manual_seed(4)
+    scores = [torch.randint(-4, 2, (min(s),), generator=g).float() for s in SHAPES]
+    full = sum(layer_bytes(min(i, o), i, o, torch.float32, "factors") for i, o in SHAPES)
+    previous = None
+    for budget in sorted([0, 333, full // 3, full // 2, full - 1, full]):
+        keep, size = plan_memory(scores, SHAPES, budget, torch.float32, rule="factors", selection="threshold")
+        ranks = [int(k.sum()) for k in keep]
+        assert size == sum(layer_bytes(r, i, o, torch.float32, "factors") for r, (i, o) in zip(ranks, SHAPES))
+        assert size <= budget
+        kept = torch.cat([s[m] for s, m in zip(scores, keep)])
+        pruned = torch.cat([s[~m] for s, m in zip(scores, keep)])
+        assert not kept.numel() or not pruned.numel() or kept.min() > pruned.max()
+        if previous is not None:
+            assert all(not bool((p & ~k).any()) for p, k in zip(previous, keep))
+        previous = keep
+    assert all(k.all() for k in previous)  # the full model fits the full budget
+
+
+def test_a_strict_budget_exceeds_the_ratio():
+    assert pruning.ratio_budget(0.5, 100, 0, False) == 50
+    assert pruning.ratio_budget(0.5, 100, 0, False, strict=True) == 51  # the original wants a size above the target
+    assert pruning.ratio_budget(0.7, 86016, 0, False, strict=True) == 60212  # 60211/86016 = 0.69999... fails
+    assert pruning.ratio_budget(0.3, 10, 1, False, strict=True) == 3  # (3 + 1) / 10 > 0.3, (2 + 1) / 10 is not
+
+
+def test_stored_rank_adds_the_extra_ranks_up_to_full():
+    assert pruning.stored_rank(5, 12, 20) == 5 and pruning.stored_rank(5, 12, 20, 4) == 9
+    assert pruning.stored_rank(10, 12, 20, 4) == 12
+    ranks = torch.tensor([0, 5, 10])
+    assert pruning.stored_rank(ranks, torch.tensor(12), torch.tensor(20), 4).tolist() == [4, 9, 12]
