@@ -1,17 +1,19 @@
 """A FlexRank-style peer for benchmarks/quality.py: FlexRank's recipe (arXiv 2602.02680) built from acip's parts.
 
 1. Whitened SVD of every target layer (acip.parametrize, the ACIP run's calibration draw).
-2. One global nested order from truncation errors, no mask training: each layer's loss sensitivity is probed once
-   (the calibration loss with that layer alone cut to half its rank), and its error at rank r is taken as that
-   sensitivity times its whitened tail energy sum_{i>=r} s_i^2 (FlexRank's fast profile: a few measured points,
-   the rest from the tail energy). Ranks are ordered by error removed per parameter, the greedy solution of the
-   additive-error knapsack that FlexRank's dynamic program solves (exact here: each layer's error is convex in r).
+2. One global nested order from truncation errors, no mask training: each layer's loss increase is measured with
+   that layer alone cut to an eighth, a quarter and half of its rank (on a few calibration sequences), and its error
+   at any rank r is read off those points against its whitened tail energy sum_{i>=r} s_i^2, linearly in between
+   (FlexRank's fast profile: a few measured points, the rest from the tail energy). Ranks are ordered by error
+   removed per parameter of the next rank, made non-increasing within a layer: the greedy solution of the
+   additive-error knapsack that FlexRank's dynamic program solves, nested by construction.
 3. Consolidation only: every step distils a size drawn as the ACIP run draws them from the dense model, training
    the factors of the ranks that size keeps (no LoRA); the full-size model is trained too, as in FlexRank.
 
 The same training loop, data, batches and distillation as the ACIP run, so a row compares recipes, not plumbing.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,8 @@ from acip.training import ACIPTask
 class FlexRankStyleTask(ACIPTask):
     """FlexRank's recipe as a task of acip's training loop: truncation-error order, then nested consolidation."""
 
-    probe_blocks = 4  # calibration sequences each layer's sensitivity is measured on
+    probe_blocks = 2  # calibration sequences each layer's sensitivity is measured on
+    probe_shares = (0.125, 0.25, 0.5)  # the shares of a layer's rank it is cut to, one at a time
 
     def __init__(self, config, runtime, base_model=None, tokenizer=None):
         super().__init__(config, runtime, base_model, tokenizer)
@@ -30,19 +33,30 @@ class FlexRankStyleTask(ACIPTask):
 
     @torch.no_grad()
     def _order_by_truncation_error(self) -> None:
-        """Scores = probed sensitivity x whitened singular value^2 per parameter of the next rank (non-increasing)."""
-        ids = self._calibration()[: self.probe_blocks].to(self.model.device)
+        """Scores: each rank's share of its layer's measured error per parameter it costs (non-increasing)."""
+        ids = self._calibration()[: self.probe_blocks, :128].to(self.model.device)
         base_loss = self._loss(ids)
         for layer in self.layers.values():
             sigma2 = layer.score.double() ** 2  # the whitened singular values, as parametrize leaves the scores
             k = sigma2.numel()
-            layer.set_kept(torch.arange(k) < k // 2)
-            increase = max(self._loss(ids) - base_loss, 1e-6)
+            tail = sigma2.flip(0).cumsum(0).flip(0)  # (k,) tail energy from rank i on
+            ranks = [max(1, int(share * k)) for share in self.probe_shares]
+            increases = []
+            for rank in ranks:
+                layer.set_kept(torch.arange(k) < rank)
+                increases.append(max(self._loss(ids) - base_loss, 0.0))
             layer.set_kept(torch.ones(k, dtype=torch.bool))
-            sensitivity = increase / float(sigma2[k // 2 :].sum().clamp_min(1e-30))
+            # error(tail energy), through (0, 0) and the probed points, monotone, extended linearly beyond them
+            energy = torch.tensor([0.0] + [float(tail[r]) for r in reversed(ranks)], dtype=torch.float64)
+            error = torch.tensor([0.0] + list(reversed(increases)), dtype=torch.float64).cummax(0).values
+            at_rank = torch.from_numpy(np.interp(torch.cat([tail, tail.new_zeros(1)]).numpy(), energy.numpy(),
+                                                 error.numpy()))  # fmt: skip  (k + 1,) error when cut to rank r
+            beyond = tail > energy[-1]  # below the smallest probed rank: the last slope goes on
+            slope = (error[-1] - error[-2]) / max(float(energy[-1] - energy[-2]), 1e-30)
+            at_rank[:-1][beyond] = error[-1] + slope * (tail[beyond] - energy[-1])
+            removed = (at_rank[:-1] - at_rank[1:]).clamp_min(1e-12)  # (k,) error rank i removes
             marginal = layer.in_features + layer.out_features - 2 * torch.arange(k, dtype=torch.float64) - 1
-            per_parameter = (sensitivity * sigma2 / marginal).cummin(0).values  # nested: a layer keeps a prefix
-            layer.score.copy_(per_parameter.float())
+            layer.score.copy_((removed / marginal).cummin(0).values.float())
 
     def _loss(self, ids: torch.Tensor) -> float:
         """Mean next-token cross entropy of the model on ``ids``."""

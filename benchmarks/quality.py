@@ -31,7 +31,7 @@ RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 # Every row names all it changes from the quick preset of its day, so that it still means that run when the preset
 # moves on. The preset of 2026-12-06 (issue 31's "today"): the original's cost rule r·(in + out), LoRA merged into
 # every size.
-DEC06 = dict(rank_cost="factors", correction_ramp=0.0, post_tune_steps=140)
+DEC06 = dict(rank_cost="factors", correction_ramp=0.0, post_tune_steps=140, block_size=128, batch_size=4)
 # The quick preset as it was on the morning of 2026-11-25 (float32 compute), the reference of issue 16.
 TODAY = dict(DEC06, compute_dtype="float32", lambda_init=5e-3, lambda_growth=1.035, post_tune_steps=60,
              post_tune_sizes="stop", distill_alpha=0.0, lora_dropout=0.05, lora_alpha=16)  # fmt: skip
