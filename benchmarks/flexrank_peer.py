@@ -2,11 +2,12 @@
 
 1. Whitened SVD of every target layer (acip.parametrize, the ACIP run's calibration draw).
 2. One global nested order from truncation errors, no mask training: each layer's loss increase is measured with
-   that layer alone cut to an eighth, a quarter and half of its rank (on a few calibration sequences), and its error
-   at any rank r is read off those points against its whitened tail energy sum_{i>=r} s_i^2, linearly in between
-   (FlexRank's fast profile: a few measured points, the rest from the tail energy). Ranks are ordered by error
-   removed per parameter of the next rank, made non-increasing within a layer: the greedy solution of the
-   additive-error knapsack that FlexRank's dynamic program solves, nested by construction.
+   that layer alone cut to 10%, 25%, 50% and 75% of its rank (on a few calibration sequences), and its error at any
+   rank in between is read off those points against its whitened tail energy sum_{i>=r} s_i^2, linearly (FlexRank's
+   fast profile: a few measured points, the rest from the tail energy); as FlexRank's candidate ranks start at 10%
+   of a layer's rank (its min_p), no layer is cut below that. Ranks are ordered by error removed per parameter of
+   the next rank, made non-increasing within a layer: the greedy solution of the additive-error knapsack that
+   FlexRank's dynamic program solves, nested by construction.
 3. Consolidation only: every step distils a size drawn as the ACIP run draws them from the dense model, training
    the factors of the ranks that size keeps (no LoRA); the full-size model is trained too, as in FlexRank.
 
@@ -25,7 +26,8 @@ class FlexRankStyleTask(ACIPTask):
     """FlexRank's recipe as a task of acip's training loop: truncation-error order, then nested consolidation."""
 
     probe_blocks = 2  # calibration sequences each layer's sensitivity is measured on
-    probe_shares = (0.125, 0.25, 0.5)  # the shares of a layer's rank it is cut to, one at a time
+    probe_shares = (0.1, 0.25, 0.5, 0.75)  # the shares of a layer's rank it is cut to, one at a time; the first
+    # is also the least it keeps (FlexRank's min_p)
 
     def __init__(self, config, runtime, base_model=None, tokenizer=None):
         super().__init__(config, runtime, base_model, tokenizer)
@@ -46,17 +48,16 @@ class FlexRankStyleTask(ACIPTask):
                 layer.set_kept(torch.arange(k) < rank)
                 increases.append(max(self._loss(ids) - base_loss, 0.0))
             layer.set_kept(torch.ones(k, dtype=torch.bool))
-            # error(tail energy), through (0, 0) and the probed points, monotone, extended linearly beyond them
+            # error(tail energy): through (0, 0) and the probed points, made monotone
             energy = torch.tensor([0.0] + [float(tail[r]) for r in reversed(ranks)], dtype=torch.float64)
             error = torch.tensor([0.0] + list(reversed(increases)), dtype=torch.float64).cummax(0).values
             at_rank = torch.from_numpy(np.interp(torch.cat([tail, tail.new_zeros(1)]).numpy(), energy.numpy(),
                                                  error.numpy()))  # fmt: skip  (k + 1,) error when cut to rank r
-            beyond = tail > energy[-1]  # below the smallest probed rank: the last slope goes on
-            slope = (error[-1] - error[-2]) / max(float(energy[-1] - energy[-2]), 1e-30)
-            at_rank[:-1][beyond] = error[-1] + slope * (tail[beyond] - energy[-1])
+            floor = tail > energy[-1]  # below the smallest probed rank: never pruned
             removed = (at_rank[:-1] - at_rank[1:]).clamp_min(1e-12)  # (k,) error rank i removes
             marginal = layer.in_features + layer.out_features - 2 * torch.arange(k, dtype=torch.float64) - 1
-            layer.score.copy_((removed / marginal).cummin(0).values.float())
+            score = (removed / marginal).masked_fill(floor, float("inf"))
+            layer.score.copy_(score.cummin(0).values.float())
 
     def _loss(self, ids: torch.Tensor) -> float:
         """Mean next-token cross entropy of the model on ``ids``."""
