@@ -6,4 +6,5 @@ holds only the Hub files themselves, which ``save_pretrained`` copies next to a 
 
 # The remote-code files of every saved ACIP model: the one list of them (tests/test_hub_files.py checks the code
 # against it, tests/test_docs.py the docs).
-HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py", "fusing.py")
+HUB_FILES = ("configuration_acip.py", "modeling_acip.py", "parametrization.py", "pruning.py", "fusing.py",
+             "quantization.py")

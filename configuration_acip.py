@@ -19,6 +19,7 @@ AUTO_MAP = {
 BASES = ("weight", "whitened")
 RANK_COSTS = ("aligned", "factors")  # as pruning.RANK_COSTS (this file imports only transformers)
 SELECTIONS = ("ranked", "threshold")  # as pruning.SELECTIONS
+INT_TYPES = ("int8", "int4")  # as pruning.INT_TYPES
 
 
 class ACIPConfig(PretrainedConfig):
@@ -53,6 +54,11 @@ class ACIPConfig(PretrainedConfig):
             ranking, ties cut by its tie-break order, whose size is at or above the target; ``"threshold"`` (the
             original implementation's, kept by models converted from it) the scores above a threshold, equal scores
             kept or pruned together, the smallest size strictly above the target (1.0 keeps everything).
+        int_quantization: for a model quantized with ``quantize("int8")`` or ``quantize("int4")``, the quant type
+            and the linear layers (names relative to the base LM) stored that way, and whether the compressed layers
+            are stored as balanced plain factor pairs (``"factors"``: quantize("int4") stores them so whatever the
+            rank_cost): ``{"quant_type": ..., "modules": [...], "factors": bool}``. (bitsandbytes 4-bit is recorded
+            in transformers' own ``quantization_config``.)
     """
 
     model_type = "acip"
@@ -74,6 +80,7 @@ class ACIPConfig(PretrainedConfig):
         correction_ramp: float = 0.0,
         lora_rank: int = 0,
         selection: str = "ranked",
+        int_quantization: dict | None = None,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -107,6 +114,15 @@ class ACIPConfig(PretrainedConfig):
         self.selection = selection
         if not self.mask_constant > 0:
             raise ValueError(f"mask_constant must be > 0, got {mask_constant}")
+        if int_quantization is not None and (
+            not isinstance(int_quantization, dict) or int_quantization.get("quant_type") not in INT_TYPES
+            or not isinstance(int_quantization.get("modules"), list)
+        ):  # fmt: skip
+            raise ValueError(f"int_quantization must be {{'quant_type': one of {INT_TYPES}, 'modules': [names]}} or "
+                             f"None, got {int_quantization!r}")  # fmt: skip
+        self.int_quantization = None if int_quantization is None else {
+            "quant_type": int_quantization["quant_type"], "modules": list(int_quantization["modules"]),
+            "factors": bool(int_quantization.get("factors", False))}  # fmt: skip
         self.fused_groups = [list(group) for group in fused_groups or []]
         fused = [name for group in self.fused_groups for name in group]
         if fused and not (self.compressed and len(set(fused)) == len(fused) and set(fused) <= set(self.target_modules)):

@@ -322,8 +322,8 @@ def fuse_model(acip_model, layout: str = "auto") -> None:
         return
     if not config.compressed:
         raise RuntimeError("fuse() works on a compressed model: call prune_model_by_score(...) and compress() first")
-    if getattr(config, "quantization_config", None) is not None:
-        raise RuntimeError("fuse() before quantize(): 4-bit layers cannot be concatenated exactly. Reload the "
+    if getattr(config, "quantization_config", None) is not None or config.int_quantization is not None:
+        raise RuntimeError("fuse() before quantize(): quantized layers cannot be concatenated exactly. Reload the "
                            "compressed model, fuse it, then quantize it")  # fmt: skip
     probe = torch.zeros((1, 2), dtype=torch.long, device=acip_model.device)  # two tokens: any ids will do
     groups = fusable_groups(acip_model.model, shared_input_groups(acip_model.model, config.target_modules, probe))

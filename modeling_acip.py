@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 
 from .configuration_acip import ACIPConfig
+from .quantization import IntLinear, balanced
 from .fusing import FusedLinear, build_fused, fuse_model, settle_loaded, unfuse_model
 from .parametrization import (
     AlignedLowRankLinear,
@@ -26,6 +27,8 @@ from .parametrization import (
     to_4bit,
 )
 from .pruning import (  # QUANT_TYPES: the package imports it from here
+    BNB_TYPES,
+    INT_TYPES,
     QUANT_TYPES,
     bytes_budget,
     check_rank_cost,
@@ -178,6 +181,13 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         for name in config.target_modules:
             self.model.set_submodule(name, self._empty_layer(name, self.model.get_submodule(name)))
         build_fused(self.model, config.fused_groups)
+        if config.int_quantization is not None:
+            for name in config.int_quantization["modules"]:
+                linear = self.model.get_submodule(name)
+                quantized = IntLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                      config.int_quantization["quant_type"], device=linear.weight.device,
+                                      dtype=linear.weight.dtype)  # fmt: skip
+                self.model.set_submodule(name, quantized)
         self.post_init()
 
     def _empty_layer(self, name: str, linear: nn.Linear) -> nn.Module:
@@ -192,7 +202,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                              correction_ramp=config.correction_ramp, lora_rank=config.lora_rank, **like)  # fmt: skip
         if name in self.config.dense_modules:
             return nn.Linear(**shape, **like)
-        factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" else LowRankLinear
+        # quantize("int8"/"int4") stores a compressed model's factors as balanced plain pairs
+        plain = (self.config.int_quantization or {}).get("factors", False)
+        factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" and not plain else LowRankLinear
         return factors(**shape, rank=self.config.layer_ranks[name], **like)
 
     @classmethod
@@ -247,6 +259,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         _check_loaded(model, info)
         keep_4bit_cpu_path_safe(model)
+        for module in model.modules():
+            if isinstance(module, IntLinear):
+                module.settle_loaded()
         if model.config.fused_groups:
             settle_loaded(model)  # loaded weights are contiguous: lay them out for this dtype and device
         return (model, info) if want_info else model
@@ -389,16 +404,30 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def quantize(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> "ACIPModel":
-        """Quantize every linear layer of the base LM but the output head to 4 bits with bitsandbytes (the factor
-        layers and the dense ones; "nf4" or "fp4"), with matmuls in ``compute_dtype`` (default: the model's dtype).
-        Works on CPU and CUDA. Returns the model."""
+        """Quantize every linear layer of the base LM but the output head (the factor layers and the dense ones).
+        Returns the model.
+
+        Args:
+            quant_type: "nf4" or "fp4": bitsandbytes 4-bit, matmuls in ``compute_dtype`` (default: the model's
+                dtype), CPU and CUDA; or "int8" / "int4": weight-only integers computed with torch's own CPU kernels
+                (bfloat16 activations; faster than float32 matmuls on a CPU; elsewhere dequantized per call), see
+                quantization.py. A fused model (:meth:`fuse`) quantizes its fused matmuls.
+            compute_dtype: for "nf4"/"fp4" only.
+        """
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if getattr(self.config, "quantization_config", None) is not None:
-            raise RuntimeError("this model is already quantized")
-        compute_dtype = compute_dtype or self.dtype
+        if is_quantized(self):
+            raise RuntimeError("this model is already quantized: quantize() a model once (reload the unquantized "
+                               "model to choose another quant_type)")  # fmt: skip
+        if quant_type in INT_TYPES and compute_dtype is not None:
+            raise ValueError(f"compute_dtype applies to {BNB_TYPES} only; quant_type={quant_type!r} computes in "
+                             "bfloat16 with torch's kernels")  # fmt: skip
         head = self.model.get_output_embeddings()
         targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
+        if quant_type in INT_TYPES:
+            self._quantize_int(quant_type)
+            return self
+        compute_dtype = compute_dtype or self.dtype
         for name, linear in targets:
             self.model.set_submodule(name, to_4bit(linear, quant_type, compute_dtype))
         self.config.quantization_config = BitsAndBytesConfig(
@@ -409,6 +438,58 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             llm_int8_skip_modules=[f"model.{name}" for name, module in self.model.named_modules() if module is head],
         )
         return self
+
+
+    def _quantize_int(self, quant_type: str) -> None:
+        """quantize("int8"/"int4"): for int4, a compressed model's factor pairs balanced first (see
+        quantization.balanced; a fused model is unfused for it and fused again), then every linear layer but the head
+        quantized. int8 keeps the pairs as they are: its rounding is fine enough for the aligned pair (perplexity of
+        the quick preset at 0.5 within 1% of float16, measured), which stores fewer weights."""
+        config, fused = self.config, bool(self.config.fused_groups)
+        if fused:
+            for name in config.target_modules:  # checked before anything changes
+                _check_plain_layers(name, _submodule(self.model, name))
+        else:
+            for name, layer in self.acip_layers().items():
+                _check_plain_layers(name, layer)
+        rebalance = config.compressed and quant_type == "int4"
+        if rebalance:
+            if fused:
+                self.unfuse()
+            pairs = {name: balanced(layer) for name, layer in self.acip_layers().items()}
+            for name, layer in pairs.items():
+                self.model.set_submodule(name, layer)
+            config.layer_ranks = {n: m.rank for n, m in pairs.items() if type(m) is not nn.Linear}
+            config.dense_modules = [n for n, m in pairs.items() if type(m) is nn.Linear]
+            if fused:
+                self.fuse()
+        head = self.model.get_output_embeddings()
+        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
+        small = {n: IntLinear.from_linear(m, quant_type) for n, m in targets if m.in_features and m.out_features}
+        for name, layer in small.items():
+            self.model.set_submodule(name, layer)
+        config.int_quantization = {"quant_type": quant_type, "modules": list(small), "factors": rebalance}
+
+
+def _check_plain_layers(name: str, layer: nn.Module) -> None:
+    """A clear error for a target layer holding adapters (peft) or other non-plain linear children."""
+    for child_name, child in layer.named_modules():
+        if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
+            raise RuntimeError(f"{name!r} holds a {type(child).__name__} at {child_name!r}: quantize() needs plain "
+                               "layers; merge LoRA adapters (merge_and_unload) first")  # fmt: skip
+
+
+def is_quantized(model: "ACIPModel") -> bool:
+    """Whether ``quantize()`` has run on the model (any quant type)."""
+    return getattr(model.config, "quantization_config", None) is not None or model.config.int_quantization is not None
+
+
+def quant_type_of(model: "ACIPModel") -> str | None:
+    """The quant type the model is stored in, or None when it is not quantized."""
+    if model.config.int_quantization is not None:
+        return model.config.int_quantization["quant_type"]
+    quantization = getattr(model.config, "quantization_config", None)
+    return None if quantization is None else quantization.bnb_4bit_quant_type
 
 
 def _check_loaded(model: "ACIPModel", info: dict) -> None:
@@ -499,9 +580,9 @@ def _storage(model: "ACIPModel", dtype) -> torch.dtype | str:
     """How the target layers' weights will be stored: ``dtype`` if given, else as they are now."""
     if dtype is not None:
         return check_storage(dtype)
-    quantization = getattr(model.config, "quantization_config", None)
-    if quantization is not None:
-        return quantization.bnb_4bit_quant_type
+    quant_type = quant_type_of(model)
+    if quant_type is not None:
+        return quant_type
     return next(iter(model.acip_layers().values())).u.weight.dtype
 
 

@@ -10,8 +10,10 @@ A cost rule prices a layer of rank r with an (out, in) weight; it belongs to the
 - ``"factors"`` (the original implementation's, kept by models converted from it): ``r·(in + out)`` as two plain
   factors, or ``in·out`` stored dense when that is not larger.
 
-Bytes follow from the rule for a storage dtype (a torch dtype, or 4-bit ``"nf4"``/``"fp4"``: two values per byte
-plus one float32 absmax per block of 64 weights); an aligned layer adds its row order (int64, ``out`` entries).
+Bytes follow from the rule for a storage dtype (a torch dtype; bitsandbytes 4-bit ``"nf4"``/``"fp4"``: two values per
+byte plus one float32 absmax per block of 64 weights; ``"int8"``: one byte per weight of rows padded to 16, a bf16
+scale per row; ``"int4"``: two values per byte of rows padded to groups of 64 and a row count padded to 16, a bf16
+scale and offset per group); an aligned layer adds its row order (int64, ``out`` entries).
 
 The planner ranks every singular value of every layer once, globally (:class:`Ranking`), and answers each prune of
 that score map by a search over prefix costs of the ranking: by a weight budget (``compression_ratio``) or by a byte
@@ -34,8 +36,13 @@ import weakref
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
+BNB_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit
+INT_TYPES = ("int8", "int4")  # weight-only integers with torch's CPU kernels (quantization.py)
+QUANT_TYPES = BNB_TYPES + INT_TYPES
 QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 absmax per block of 64 weights (compress_statistics off)
+INT8_COLUMNS = 16  # int8 rows are stored padded to a multiple of this (the kernel's requirement), one bf16 scale each
+INT4_GROUP = 64  # int4: one bf16 scale and offset per group of this many weights of a row; rows padded to groups
+INT4_ROWS = 16  # int4: the row count is padded to a multiple of this (the kernel's requirement)
 RANK_COSTS = ("aligned", "factors")
 SELECTIONS = ("ranked", "threshold")
 ORDER_BYTES = 8  # an aligned layer's row order: one int64 per output feature
@@ -105,22 +112,46 @@ def first_dense_rank(in_features: torch.Tensor, out_features: torch.Tensor, rule
     return hi
 
 
-def tensor_bytes(numel, storage):
-    """Bytes of a weight of ``numel`` values stored as ``storage`` (a torch dtype, or a 4-bit quant type)."""
+def padded(n, multiple: int):
+    """``n`` rounded up to a multiple of ``multiple`` (ints or integer tensors)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def tensor_bytes(numel, storage, rows=1):
+    """Bytes of a weight of ``numel`` values in ``rows`` rows stored as ``storage`` (a torch dtype, or a quant type;
+    the integer types pad rows and keep constants per row or group, so they need ``rows``)."""
+    if storage in INT_TYPES:
+        cols = numel // (rows.clamp(min=1) if isinstance(rows, torch.Tensor) else max(rows, 1))
+        if storage == "int8":  # int8 values, one bf16 scale per row
+            size = rows * padded(cols, INT8_COLUMNS) + 2 * rows
+        else:  # two values per byte, a bf16 scale and offset per group, rows padded
+            n, k = padded(rows, INT4_ROWS), padded(cols, INT4_GROUP)
+            size = n * k // 2 + 4 * n * (k // INT4_GROUP)
+        return size * (numel > 0)  # an empty factor stays a plain (empty) layer
     if isinstance(storage, str):  # two values per byte, plus the float32 absmax of every block
         return (numel + 1) // 2 + 4 * ((numel + QUANT_BLOCK - 1) // QUANT_BLOCK)
     return numel * storage.itemsize
 
 
 def layer_bytes(rank, in_features, out_features, storage, rule="aligned"):
-    """Bytes of a layer's weights compressed to ``rank`` (bias excluded), by the same rule as :func:`rank_cost`."""
-    dense = tensor_bytes(in_features * out_features, storage)
+    """Bytes of a layer's weights compressed to ``rank`` (bias excluded), by the same rule as :func:`rank_cost`; in
+    int4 by the form quantize("int4") stores them in whatever the rule: two balanced plain factors, or dense where
+    those would not be smaller."""
+    dense = tensor_bytes(in_features * out_features, storage, out_features)
+    if storage == "int4":
+        factors = tensor_bytes(rank * in_features, storage, rank) + tensor_bytes(rank * out_features, storage,
+                                                                                 out_features)  # fmt: skip
+        is_dense = is_dense_rank(rank, in_features, out_features, "factors")
+        if isinstance(is_dense, torch.Tensor):
+            return torch.where(is_dense, dense, factors)
+        return dense if is_dense else factors
     if rule == "aligned":  # V' (rank, in), U'' (out - rank, rank) and the row order
         rows = out_features - rank
-        factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rows * rank, storage)
+        factors = tensor_bytes(rank * in_features, storage, rank) + tensor_bytes(rows * rank, storage, rows)
         factors = factors + ORDER_BYTES * out_features * (rank > 0)  # a rank-0 layer needs no row order
     else:
-        factors = tensor_bytes(rank * in_features, storage) + tensor_bytes(rank * out_features, storage)
+        factors = tensor_bytes(rank * in_features, storage, rank) + tensor_bytes(rank * out_features, storage,
+                                                                                 out_features)  # fmt: skip
     is_dense = is_dense_rank(rank, in_features, out_features, rule)
     if isinstance(is_dense, torch.Tensor):
         return torch.where(is_dense, dense, factors)
@@ -131,7 +162,7 @@ def stored_bytes(tensor: torch.Tensor, storage, quantized: bool = False) -> int:
     """Bytes ``tensor`` takes once the model is stored as ``storage``: 4 bits when ``quantized`` (quantize() turns it
     into a 4-bit layer), the storage dtype when that is a torch dtype and the tensor is float, else as it is now."""
     if quantized:
-        return tensor_bytes(tensor.numel(), storage)
+        return tensor_bytes(tensor.numel(), storage, tensor.shape[0] if tensor.dim() == 2 else 1)
     if tensor.is_floating_point() and isinstance(storage, torch.dtype):
         return tensor.numel() * storage.itemsize  # model.to(dtype) converts every float tensor
     return tensor.numel() * tensor.element_size()
@@ -228,7 +259,7 @@ def check_scores(name: str, scores, shape: torch.Size) -> torch.Tensor:
 
 
 def check_storage(dtype):
-    """``dtype`` if it names a storage bytes can be counted for: a floating torch dtype, or "nf4"/"fp4"."""
+    """``dtype`` if it names a storage bytes can be counted for: a floating torch dtype, or a quant type."""
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point or isinstance(dtype, str) and dtype in QUANT_TYPES:
         return dtype
     raise ValueError(f"dtype must be a floating torch dtype or one of {QUANT_TYPES}, got {dtype!r}")

@@ -22,6 +22,7 @@ import torch
 
 from .folders import replacing
 from .hub.modeling_acip import ACIPModel
+from .hub.quantization import IntLinear
 
 FORMAT = "acip-aot-1"  # written into every package's metadata; a package without it was not made by build_package
 
@@ -82,8 +83,14 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
         # back than the model does
         raise ValueError(f"max_cache_len must be at most the model's sliding_window ({window}), got {max_cache_len}")
     if getattr(model.config, "quantization_config", None) is not None:
-        raise RuntimeError("build_package() needs an unquantized model: 4-bit layers do not export")
+        raise RuntimeError("build_package() needs a model without bitsandbytes layers: 4-bit layers do not export "
+                           "(quantize('int8') and quantize('int4') do)")
 
+    if (model.config.int_quantization or {}).get("quant_type") == "int8":
+        # torch 2.13's inductor fails to lower the int8 kernel on the sliced activations of a model ("Pointwise"
+        # assertion in its extern-kernel choice), with the kernel called directly or matched from dequantize-matmul
+        raise RuntimeError("build_package() does not compile quantize('int8') models yet (inductor cannot lower "
+                           "torch's int8 kernel here); int4 and unquantized models compile")  # fmt: skip
     check = lambda: check_package_target(path, batch_size, max_cache_len, overwrite)  # noqa: E731
     # the stage keeps the .pt2 suffix, which inductor insists on
     with replacing(path, "path", check, file=True) as output, output.staged() as stage:
@@ -103,8 +110,11 @@ def _compile(model: ACIPModel, batch_size: int, max_cache_len: int, package_path
             {**generation_config.to_dict(), "cache_implementation": "static", "use_cache": True})  # fmt: skip
         if layout is not None:
             model.fuse(layout="contiguous")
-        wrapper = _static_cache_module(base, batch_size, max_cache_len)
         device = model.device
+        for module in base.modules():  # int4 weights in the CPU kernel's layout now: the program must not repack
+            if isinstance(module, IntLinear) and module.quant_type == "int4" and device.type == "cpu":
+                module._to_kernel_layout()
+        wrapper = _static_cache_module(base, batch_size, max_cache_len)
         ids = torch.zeros((batch_size, 4), dtype=torch.long, device=device)  # any length > 1: it becomes dynamic
         seq = torch.export.Dim("seq", min=1, max=max_cache_len)
         with torch.no_grad(), warnings.catch_warnings():

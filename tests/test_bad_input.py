@@ -431,6 +431,16 @@ def export_quantized_prunable_without_ratio_or_check(env):
     export(env, env.acip, env.root / "new", quantize="nf4")
 
 
+@case(ValueError, r"quantize must be one of \('nf4', 'fp4', 'int8', 'int4'\) or None, got 'int3'")
+def export_unknown_quant_type(env):
+    export(env, env.root / "compressed", env.root / "new", quantize="int3")
+
+
+@case(ValueError, "quantize needs a compressed model.*give ratio")
+def export_int8_prunable_without_ratio(env):
+    export(env, env.acip, env.root / "new", quantize="int8")
+
+
 @case(FileExistsError, "out_dir .* holds files acip did not write")
 def export_overwriting_a_users_folder(env):
     export(env, env.acip, env.root / "user", overwrite=True)

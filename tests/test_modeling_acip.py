@@ -466,7 +466,7 @@ def test_compressed_layers_are_plain_modules(rank_cost, form):
 # -- pruning by memory budget -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "nf4"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "nf4", "int8", "int4"])
 def test_memory_budget_picks_the_largest_model_that_fits(kind, dtype):
     from acip.efficiency import model_bytes
 
@@ -486,8 +486,8 @@ def test_memory_budget_picks_the_largest_model_that_fits(kind, dtype):
     assert model.compressed_bytes(dtype) > budget
     # The count is what compress() (+ .to(dtype) or quantize()) really holds.
     model.prune_model_by_score(memory_budget=budget, dtype=dtype).compress()
-    if dtype == "nf4":
-        model.quantize("nf4")
+    if isinstance(dtype, str):
+        model.quantize(dtype)
     elif dtype is not None:
         model.to(dtype)
     assert model_bytes(model) == chosen
