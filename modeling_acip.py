@@ -38,6 +38,7 @@ from .pruning import (  # QUANT_TYPES: the package imports it from here
     layer_bytes,
     plan_memory,
     plan_pruning,
+    rank_cost,
     ratio_budget,
     stored_bytes,
     stored_rank,
@@ -181,6 +182,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         for name in config.target_modules:
             self.model.set_submodule(name, self._empty_layer(name, self.model.get_submodule(name)))
         build_fused(self.model, config.fused_groups)
+        self.planned_quant_type = None  # what the last prune_model_by_score(memory_budget, dtype="auto") chose
         if config.int_quantization is not None:
             for name in config.int_quantization["modules"]:
                 linear = self.model.get_submodule(name)
@@ -356,17 +358,22 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             full: count the whole model instead of the parametrized layers only.
             memory_budget: instead of a ratio, bytes the compressed model may hold (int, or "300MB", "1.5GiB"):
                 the whole model's parameters and buffers, see :meth:`compressed_bytes`.
-            dtype: with ``memory_budget``, the storage to count: a torch dtype, "nf4"/"fp4" (after quantize()),
-                or None for the current one.
+            dtype: with ``memory_budget``, the storage to count: a torch dtype, a quant type of quantize(), None
+                for the current one, or "auto": the pair of size and quantization the quality-per-byte frontier
+                favours (int8 where it keeps a size ratio of at least AUTO_INT8_RATIO, else int4), then
+                ``compress().quantize("auto")`` quantizes as planned.
             rank_multiple: round each layer's kept rank up to a multiple of this (e.g. 8, 16, 64: aligned shapes for
                 kernels that prefer them); the plan is still the smallest ≥ the target (the largest within a budget).
             compression_rate: the fraction of parameters to remove, 1 − compression_ratio (the original ACIP code's
                 other name); pass one of the three.
         """
-        plan = pruning_plan(self, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple,
-                            compression_rate)  # fmt: skip
+        if dtype == AUTO and is_quantized(self):
+            raise ValueError("dtype='auto' chooses how to quantize: this model is quantized already; leave dtype out")
+        plan, storage = _plan(self, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple,
+                              compression_rate)  # fmt: skip
         for layer, kept in zip(self._prunable_layers().values(), plan):
             layer.set_kept(kept)
+        self.planned_quant_type = storage if dtype == AUTO else None
         return self
 
     @torch.no_grad()
@@ -408,14 +415,20 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         Returns the model.
 
         Args:
-            quant_type: "nf4" or "fp4": bitsandbytes 4-bit, matmuls in ``compute_dtype`` (default: the model's
+            quant_type: "auto": as the last ``prune_model_by_score(memory_budget=..., dtype="auto")`` planned;
+                "nf4" or "fp4": bitsandbytes 4-bit, matmuls in ``compute_dtype`` (default: the model's
                 dtype), CPU and CUDA; or "int8" / "int4": weight-only integers computed with torch's own CPU kernels
                 (bfloat16 activations; faster than float32 matmuls on a CPU; elsewhere dequantized per call), see
                 quantization.py. A fused model (:meth:`fuse`) quantizes its fused matmuls.
             compute_dtype: for "nf4"/"fp4" only.
         """
+        if quant_type == AUTO:
+            if self.planned_quant_type is None:
+                raise ValueError("quant_type='auto' quantizes as prune_model_by_score(memory_budget=..., "
+                                 "dtype='auto') planned: plan first, or name a quant type")  # fmt: skip
+            quant_type = self.planned_quant_type
         if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES} or 'auto', got {quant_type!r}")
         if is_quantized(self):
             raise RuntimeError("this model is already quantized: quantize() a model once (reload the unquantized "
                                "model to choose another quant_type)")  # fmt: skip
@@ -543,32 +556,57 @@ def _outside_num_params(model: "ACIPModel", full: bool) -> int:
     return sum(p.numel() if state is None else state.shape.numel() for p, state in zip(outside, states))
 
 
+# With dtype="auto" a memory budget is planned in int8 when int8 keeps at least this size ratio of the target layers,
+# else in int4 (twice the ranks in the same bytes): on the quick preset's SmolLM2 int4 at ratio 2r beat int8 at r at
+# every budget measured except those where int8 keeps nearly everything (docs/quantization.md, benchmarks/frontier.py).
+AUTO_INT8_RATIO = 0.9
+AUTO = "auto"
+
+
 def pruning_plan(model: "ACIPModel", compression_ratio=None, size_ratio=None, full=False, memory_budget=None,
                  dtype=None, rank_multiple=1, compression_rate=None) -> list[torch.Tensor]:
     """The boolean keep mask (k,) per SVD layer (in ``acip_layers`` order) that :meth:`ACIPModel.prune_model_by_score`
     sets for these arguments, without setting it."""
+    return _plan(model, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple, compression_rate)[0]
+
+
+def _plan(model, compression_ratio, size_ratio, full, memory_budget, dtype, rank_multiple, compression_rate):
+    """:func:`pruning_plan`, and the storage a memory budget was planned in (None for a ratio)."""
     other, selection = _outside_num_params(model, full), model.config.selection
     layers = list(model._prunable_layers().values())
     scores, shapes = [m.score for m in layers], [(m.in_features, m.out_features) for m in layers]
     if memory_budget is not None:
         if compression_ratio is not None or size_ratio is not None or compression_rate is not None:
             raise ValueError("pass either a compression_ratio or a memory_budget, not both")
-        storage = _storage(model, dtype)
-        budget = bytes_budget(memory_budget, _fixed_bytes(model, storage), storage)
         rule, extra = model.config.rank_cost, model.config.lora_rank  # a LayerLoRA's ranks are stored too
-        keep, _ = plan_memory(scores, shapes, budget, storage, rank_multiple, rule, extra, selection)
-    else:
-        if dtype is not None:
-            raise ValueError("dtype only applies to memory_budget")
-        ratio = check_ratio(compression_ratio, size_ratio, compression_rate)
-        total = sum(map(linear_num_params, layers)) + other
-        fixed = other + sum(m.out_features for m in layers if m.bias is not None)
-        threshold = selection == "threshold"
-        budget = ratio_budget(ratio, total, fixed, full, strict=threshold)
-        if threshold and ratio == 1.0:  # the original keeps everything at 1.0 (every other target prunes)
-            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-        keep, _ = plan_pruning(scores, shapes, budget, rank_multiple, model.config.rank_cost, selection)
-    return keep
+
+        def plan_in(storage):
+            budget = bytes_budget(memory_budget, _fixed_bytes(model, storage), storage)
+            return plan_memory(scores, shapes, budget, storage, rank_multiple, rule, extra, selection)[0]
+
+        if dtype != AUTO:
+            storage = _storage(model, dtype)
+            return plan_in(storage), storage
+        try:
+            keep = plan_in("int8")
+        except ValueError:  # below what int8 can hold at all
+            keep = None
+        if keep is not None:
+            kept = sum(rank_cost(int(k.sum()), m.in_features, m.out_features, rule) for k, m in zip(keep, layers))
+            if kept >= AUTO_INT8_RATIO * sum(m.in_features * m.out_features for m in layers):
+                return keep, "int8"
+        return plan_in("int4"), "int4"
+    if dtype is not None:
+        raise ValueError("dtype only applies to memory_budget")
+    ratio = check_ratio(compression_ratio, size_ratio, compression_rate)
+    total = sum(map(linear_num_params, layers)) + other
+    fixed = other + sum(m.out_features for m in layers if m.bias is not None)
+    threshold = selection == "threshold"
+    budget = ratio_budget(ratio, total, fixed, full, strict=threshold)
+    if threshold and ratio == 1.0:  # the original keeps everything at 1.0 (every other target prunes)
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores], None
+    keep, _ = plan_pruning(scores, shapes, budget, rank_multiple, model.config.rank_cost, selection)
+    return keep, None
 
 
 def _dense_num_params(model: "ACIPModel") -> int:

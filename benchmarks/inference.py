@@ -16,7 +16,9 @@ Uses the ACIP model in --model-dir (a folder made by `acip compress --preset qui
 SmolLM2 is parametrized in the whitened basis (32 x 256 calibration tokens of wiki-train, as a run draws them),
 untrained: pruning then follows the initial scores. Speed depends only on the ranks, not on the score values.
 With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added.
-With --package-dtypes (default float32), dense and fused are also compiled ahead of time (acip.aot, minutes per
+With --quant-types int8 int4, dense and fused are also measured quantized ("+ int8" rows: quantize("int8"), torch's
+weight-only CPU kernels). With --package-dtypes (default float32), dense and fused (and fused + int4) are also
+compiled ahead of time (acip.aot, minutes per
 package, before the repeats) and served by acip.aot.PackagedLM: "+ package" rows.
 
 Targets (float32, batch 1, against dense): at 0.4 decode >= 1.7x (median; >= 1.5x in every repeat), prefill
@@ -190,8 +192,10 @@ def build_source(folder: Path) -> Path:
     return folder
 
 
-def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None) -> list[dict]:
-    """Save every form at every ratio in every dtype under ``root``; returns the configurations to measure."""
+def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None,
+                        quant_types=()) -> list[dict]:  # fmt: skip
+    """Save every form at every ratio in every dtype under ``root`` (dense and fused also quantized with each of
+    ``quant_types``); returns the configurations to measure."""
     configurations = []
     for dtype in dtypes:
         for ratio in (1.0, *ratios):
@@ -214,6 +218,12 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
                 configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size, folder=folder / "model",
                                            compile=False))  # fmt: skip
                 del model
+                for quant_type in quant_types if label in ("dense", "fused") else ():
+                    quantized = ACIPModel.from_pretrained(folder / "model", dtype=getattr(torch, dtype)).eval()
+                    quantized.quantize(quant_type).save_pretrained(folder / quant_type)
+                    configurations.append(dict(dtype=dtype, ratio=ratio, form=f"{label} + {quant_type}", size=size,
+                                               folder=folder / quant_type, compile=False))  # fmt: skip
+                    del quantized
     return configurations
 
 
@@ -234,7 +244,7 @@ def with_packages(configurations: list[dict], dtypes, new_tokens: int) -> list[d
     out = []
     for c in configurations:
         out.append(c)
-        if c["form"] in ("dense", "fused") and c["dtype"] in dtypes and not c["compile"]:
+        if c["form"] in ("dense", "fused", "fused + int4") and c["dtype"] in dtypes and not c["compile"]:
             start = time.perf_counter()
             packages = build_inference_packages(c["folder"], c["folder"].parent / "packages", c["dtype"], new_tokens)
             print(f"packages of {c['dtype']} {c['ratio']:g} {c['form']}: {time.perf_counter() - start:.0f} s",
@@ -276,6 +286,8 @@ def main() -> None:
                         help="dtypes with compiled dense and fused rows (none: no such rows; each compiles minutes)")
     parser.add_argument("--package-dtypes", nargs="*", default=["float32"], choices=DTYPES,
                         help="dtypes with ahead-of-time compiled dense and fused rows (acip.aot; minutes per package)")
+    parser.add_argument("--quant-types", nargs="*", default=[], choices=["int8", "int4", "nf4"],
+                        help="also measure dense and fused quantized with each (quantize(); int4 also packaged)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     parser.add_argument("--measure", metavar="FOLDER", default=None, help="what the benchmark runs in a fresh process: "
                         "measure the saved form in FOLDER here and print its figures as one JSON line")  # fmt: skip
@@ -293,7 +305,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
-        configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple)
+        configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple,
+                                             args.quant_types)  # fmt: skip
         configurations = with_compiled(configurations, args.compile_dtypes)
         configurations = with_packages(configurations, args.package_dtypes, args.new_tokens)
         runs = []

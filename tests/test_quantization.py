@@ -104,3 +104,49 @@ def test_quantize_errors_name_the_argument_and_change_nothing():
         model.fuse()
     assert model.config.fused_groups == [] and model.config.int_quantization["quant_type"] == "int4"
     torch.testing.assert_close(logits(model), quantized, atol=0, rtol=0)
+
+
+def test_a_quantized_prunable_model_still_prunes_and_refuses_compress():
+    model = tiny_acip_model("llama").quantize("int8")
+    assert isinstance(model.acip_layers()["model.layers.0.self_attn.q_proj"].sv, IntLinear)
+    at_full = logits(model)
+    model.prune_model_by_score(0.5)
+    assert (logits(model) - at_full).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="compress before quantize"):
+        model.compress()
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "int4"])
+def test_compressed_bytes_is_what_quantize_holds(quant_type):
+    from acip.memory import model_bytes
+
+    model = tiny_acip_model("mistral").prune_model_by_score(0.45)
+    expected = model.compressed_bytes(quant_type)
+    assert model_bytes(model.compress().quantize(quant_type)) == expected
+
+
+def test_auto_budget_plans_a_size_and_a_quant_type():
+    from acip.hub.modeling_acip import AUTO_INT8_RATIO
+    from acip.memory import model_bytes
+
+    model = tiny_acip_model("llama")
+    # a budget int8 fills at (nearly) full size: int8; a quarter of float32: int4 at about twice int8's size
+    roomy = model.compressed_bytes("int8")
+    assert model.prune_model_by_score(memory_budget=roomy, dtype="auto").planned_quant_type == "int8"
+    assert model.get_size_ratio() >= AUTO_INT8_RATIO
+    tight = model.compressed_bytes(torch.float32) // 6
+    model.prune_model_by_score(memory_budget=tight, dtype="auto")
+    assert model.planned_quant_type == "int4"
+    assert model.compressed_bytes("int4") <= tight
+    assert model_bytes(model.compress().quantize("auto")) <= tight
+    assert model.config.int_quantization["quant_type"] == "int4"
+
+
+def test_auto_errors():
+    model = tiny_acip_model("llama")
+    with pytest.raises(ValueError, match="quant_type='auto' quantizes as prune_model_by_score"):
+        model.quantize("auto")
+    with pytest.raises(ValueError, match="dtype only applies to memory_budget"):
+        model.prune_model_by_score(0.5, dtype="auto")
+    model.prune_model_by_score(0.5)
+    assert model.planned_quant_type is None
