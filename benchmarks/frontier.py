@@ -17,6 +17,7 @@ Perplexity on the first 16 windows of 512 tokens of each source (acip.evaluation
 finishes, so a run can be stopped and resumed; --rows picks rows by glob pattern.
 
     python benchmarks/frontier.py --model-dir runs/quality/new [--root runs/frontier] [--rows 'dense*' 'acip-0.4-*']
+                                  [--merge runs/frontier2] [--plot docs/frontier.png]
 """
 
 import argparse
@@ -248,6 +249,9 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
     parser.add_argument("--max-blocks", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--merge", nargs="*", default=[], help="other --root folders whose rows to take in (runs of "
+                        "this script in parallel, each with its own cache)")  # fmt: skip
+    parser.add_argument("--plot", default=None, help="where to write the plot (default: ROOT/frontier.png)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,6 +259,10 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     cache = root / "frontier.json"
     results = json.loads(cache.read_text()) if cache.exists() else {}
+    for other in args.merge:
+        results.update(json.loads((Path(other) / "frontier.json").read_text()))
+    if args.merge:
+        cache.write_text(json.dumps(results, indent=1))
 
     def done(row, result):
         results[row] = result
@@ -276,7 +284,7 @@ def main() -> None:
                 acip_rows(args.model_dir, ratio, quants, windows, dense_weights, done)
     print(table(results, DEFAULT_DATA))
     if "dense-float32" in results:
-        plot(results, DEFAULT_DATA, root / "frontier.png")
+        plot(results, DEFAULT_DATA, Path(args.plot) if args.plot else root / "frontier.png")
 
 
 if __name__ == "__main__":
