@@ -15,7 +15,8 @@ against the dense model of the same dtype, median to median. Decode ratios at ba
 Uses the ACIP model in --model-dir (a folder made by `acip compress --preset quick`); without one, the embedded
 SmolLM2 is parametrized in the whitened basis (32 x 256 calibration tokens of wiki-train, as a run draws them),
 untrained: pruning then follows the initial scores. Speed depends only on the ranks, not on the score values.
-With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added.
+With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added; with --plain-factors,
+rows of the same kept ranks stored as two plain factors instead of gauge-aligned (the "factors" cost rule's form).
 With --package-dtypes (default float32), dense and fused are also compiled ahead of time (acip.aot, minutes per
 package, before the repeats) and served by acip.aot.PackagedLM: "+ package" rows.
 
@@ -190,26 +191,35 @@ def build_source(folder: Path) -> Path:
     return folder
 
 
-def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None) -> list[dict]:
-    """Save every form at every ratio in every dtype under ``root``; returns the configurations to measure."""
+def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None,
+                        plain: bool = False) -> list[dict]:  # fmt: skip
+    """Save every form at every ratio in every dtype under ``root``; returns the configurations to measure. With
+    ``plain``, the same kept ranks also stored as two plain factors (the "factors" cost rule's form) beside the
+    model's own rule: what the gauge-aligned form costs or gains in speed."""
     configurations = []
     for dtype in dtypes:
         for ratio in (1.0, *ratios):
-            variants = [("compressed", 1)] if ratio < 1.0 else [("dense", 1)]
+            variants = [("compressed", 1, None)] if ratio < 1.0 else [("dense", 1, None)]
             if ratio < 1.0 and rank_multiple:
-                variants.append((f"ranks x{rank_multiple}", rank_multiple))
-            for label, multiple in variants:
+                variants.append((f"ranks x{rank_multiple}", rank_multiple, None))
+            if ratio < 1.0 and plain:
+                variants.append(("plain factors", 1, "factors"))
+            for label, multiple, rule in variants:
                 model = ACIPModel.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
-                model.prune_model_by_score(ratio, rank_multiple=multiple).compress()
+                model.prune_model_by_score(ratio, rank_multiple=multiple)
+                if rule is not None:  # same kept ranks, stored under another rule
+                    model.config.rank_cost = rule
+                model.compress()
                 size = model.get_size_ratio()
-                folder = root / f"{dtype}-{ratio:g}-{multiple}"
+                folder = root / f"{dtype}-{ratio:g}-{multiple}{'-' + rule if rule else ''}"
                 if label != "dense":
-                    if label == "compressed":
+                    if label in ("compressed", "plain factors"):
                         model.save_pretrained(folder / "compressed")
-                        configurations.append(dict(dtype=dtype, ratio=ratio, form="compressed", size=size,
+                        configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size,
                                                    folder=folder / "compressed", compile=False))  # fmt: skip
                     model.fuse()
-                    label = "fused" if multiple == 1 else f"fused, ranks x{multiple}"
+                    label = {"compressed": "fused", "plain factors": "fused, plain factors"}.get(
+                        label, f"fused, ranks x{multiple}")
                 model.save_pretrained(folder / "model")
                 configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size, folder=folder / "model",
                                            compile=False))  # fmt: skip
@@ -277,6 +287,8 @@ def main() -> None:
     parser.add_argument("--package-dtypes", nargs="*", default=["float32"], choices=DTYPES,
                         help="dtypes with ahead-of-time compiled dense and fused rows (acip.aot; minutes per package)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
+    parser.add_argument("--plain-factors", action="store_true",
+                        help="add rows of the same kept ranks stored as two plain factors (unaligned)")
     parser.add_argument("--measure", metavar="FOLDER", default=None, help="what the benchmark runs in a fresh process: "
                         "measure the saved form in FOLDER here and print its figures as one JSON line")  # fmt: skip
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="--measure: the dtype to load in")
@@ -293,7 +305,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
-        configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple)
+        configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple,
+                                             args.plain_factors)
         configurations = with_compiled(configurations, args.compile_dtypes)
         configurations = with_packages(configurations, args.package_dtypes, args.new_tokens)
         runs = []
