@@ -199,12 +199,13 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
     configurations = []
     for dtype in dtypes:
         for ratio in (1.0, *ratios):
-            variants = [("compressed", 1, None)] if ratio < 1.0 else [("dense", 1, None)]
+            # (label of the compressed row or None, label of the fused or dense row, rank multiple, storage rule)
+            variants = [("compressed", "fused", 1, None)] if ratio < 1.0 else [(None, "dense", 1, None)]
             if ratio < 1.0 and rank_multiple:
-                variants.append((f"ranks x{rank_multiple}", rank_multiple, None))
+                variants.append((None, f"fused, ranks x{rank_multiple}", rank_multiple, None))
             if ratio < 1.0 and plain:
-                variants.append(("plain factors", 1, "factors"))
-            for label, multiple, rule in variants:
+                variants.append(("plain factors", "fused, plain factors", 1, "factors"))
+            for compressed_label, label, multiple, rule in variants:
                 model = ACIPModel.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
                 model.prune_model_by_score(ratio, rank_multiple=multiple)
                 if rule is not None:  # same kept ranks, stored under another rule
@@ -212,14 +213,12 @@ def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple:
                 model.compress()
                 size = model.get_size_ratio()
                 folder = root / f"{dtype}-{ratio:g}-{multiple}{'-' + rule if rule else ''}"
+                if compressed_label is not None:
+                    model.save_pretrained(folder / "compressed")
+                    configurations.append(dict(dtype=dtype, ratio=ratio, form=compressed_label, size=size,
+                                               folder=folder / "compressed", compile=False))  # fmt: skip
                 if label != "dense":
-                    if label in ("compressed", "plain factors"):
-                        model.save_pretrained(folder / "compressed")
-                        configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size,
-                                                   folder=folder / "compressed", compile=False))  # fmt: skip
                     model.fuse()
-                    label = {"compressed": "fused", "plain factors": "fused, plain factors"}.get(
-                        label, f"fused, ranks x{multiple}")
                 model.save_pretrained(folder / "model")
                 configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size, folder=folder / "model",
                                            compile=False))  # fmt: skip

@@ -26,7 +26,7 @@ from acip.runs import latest_checkpoint
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
 from acip.finetune import FinetuneConfig, finetune
 from acip.records import RUN_FILE
-from acip.report import write_report
+from acip.report import REPORT_STEM, write_report
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 # Every row names all it changes from the quick preset of its day, so that it still means that run when the preset
@@ -248,10 +248,8 @@ def plot(results: dict[str, dict], out: Path, max_blocks: int) -> None:
     dense base model's on the same windows as the dashed line."""
     from acip.data import load_blocks
     from acip.default_model import load_default_model
-    from acip.report import REPORT_STEM, PerplexityReport, write_report
+    from acip.report import PerplexityReport, write_report
 
-    if out.name != REPORT_STEM:
-        raise ValueError(f"--plot must name a folder and the stem {REPORT_STEM!r}, got {out}")
     base, tokenizer = load_default_model(torch.float32)
     report = PerplexityReport("SmolLM2-135M, quick preset", 512, list(RATIOS))
     for data in DEFAULT_DATA:
@@ -272,6 +270,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None,
                         help="also write FOLDER/eval_perplexity.{csv,json,png}: the runs' rows and the dense model's")
     args = parser.parse_args()
+    if args.plot is not None and args.plot.name != REPORT_STEM:  # checked before hours of runs, not after
+        parser.error(f"--plot must be FOLDER/{REPORT_STEM}, got {args.plot}")
     root = Path(args.root)
     results = {}
     for name in args.runs:
