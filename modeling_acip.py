@@ -16,7 +16,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 
 from .configuration_acip import ACIPConfig
-from .quantization import IntLinear, balanced
 from .fusing import FusedLinear, build_fused, fuse_model, settle_loaded, unfuse_model
 from .parametrization import (
     AlignedLowRankLinear,
@@ -43,6 +42,7 @@ from .pruning import (  # QUANT_TYPES: the package imports it from here
     stored_bytes,
     stored_rank,
 )
+from .quantization import IntLinear, balanced
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -451,7 +451,6 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             llm_int8_skip_modules=[f"model.{name}" for name, module in self.model.named_modules() if module is head],
         )
         return self
-
 
     def _quantize_int(self, quant_type: str) -> None:
         """quantize("int8"/"int4"): for int4, a compressed model's factor pairs balanced first (see

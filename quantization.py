@@ -19,7 +19,7 @@ The int4 kernel wants its weights in a CPU-specific packed layout. Saved files h
 byte, even column in the low nibble); a layer converts to the kernel's layout on its first CPU forward and back
 when its state dict is taken or it leaves the CPU.
 
-This file is part of the Hub payload: it imports only torch and its sibling pruning.py.
+This file is part of the Hub payload: it imports only torch and its siblings parametrization.py and pruning.py.
 """
 
 import torch

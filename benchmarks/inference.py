@@ -15,7 +15,8 @@ against the dense model of the same dtype, median to median. Decode ratios at ba
 Uses the ACIP model in --model-dir (a folder made by `acip compress --preset quick`); without one, the embedded
 SmolLM2 is parametrized in the whitened basis (32 x 256 calibration tokens of wiki-train, as a run draws them),
 untrained: pruning then follows the initial scores. Speed depends only on the ranks, not on the score values.
-With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added.
+With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added; with --plain-factors,
+rows of the same kept ranks stored as two plain factors instead of gauge-aligned (the "factors" cost rule's form).
 With --quant-types int8 int4, dense and fused are also measured quantized ("+ int8" rows: quantize("int8"), torch's
 weight-only CPU kernels). With --package-dtypes (default float32), dense and fused (and fused + int4) are also
 compiled ahead of time (acip.aot, minutes per
@@ -193,27 +194,34 @@ def build_source(folder: Path) -> Path:
 
 
 def save_configurations(source: Path, root: Path, ratios, dtypes, rank_multiple: int | None,
-                        quant_types=()) -> list[dict]:  # fmt: skip
-    """Save every form at every ratio in every dtype under ``root`` (dense and fused also quantized with each of
-    ``quant_types``); returns the configurations to measure."""
+                        plain: bool = False, quant_types=()) -> list[dict]:  # fmt: skip
+    """Save every form at every ratio in every dtype under ``root``; returns the configurations to measure. With
+    ``plain``, the same kept ranks also stored as two plain factors (the "factors" cost rule's form) beside the
+    model's own rule: what the gauge-aligned form costs or gains in speed. Dense and fused are also quantized with
+    each of ``quant_types``."""
     configurations = []
     for dtype in dtypes:
         for ratio in (1.0, *ratios):
-            variants = [("compressed", 1)] if ratio < 1.0 else [("dense", 1)]
+            # (label of the compressed row or None, label of the fused or dense row, rank multiple, storage rule)
+            variants = [("compressed", "fused", 1, None)] if ratio < 1.0 else [(None, "dense", 1, None)]
             if ratio < 1.0 and rank_multiple:
-                variants.append((f"ranks x{rank_multiple}", rank_multiple))
-            for label, multiple in variants:
+                variants.append((None, f"fused, ranks x{rank_multiple}", rank_multiple, None))
+            if ratio < 1.0 and plain:
+                variants.append(("plain factors", "fused, plain factors", 1, "factors"))
+            for compressed_label, label, multiple, rule in variants:
                 model = ACIPModel.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
-                model.prune_model_by_score(ratio, rank_multiple=multiple).compress()
+                model.prune_model_by_score(ratio, rank_multiple=multiple)
+                if rule is not None:  # same kept ranks, stored under another rule
+                    model.config.rank_cost = rule
+                model.compress()
                 size = model.get_size_ratio()
-                folder = root / f"{dtype}-{ratio:g}-{multiple}"
+                folder = root / f"{dtype}-{ratio:g}-{multiple}{'-' + rule if rule else ''}"
+                if compressed_label is not None:
+                    model.save_pretrained(folder / "compressed")
+                    configurations.append(dict(dtype=dtype, ratio=ratio, form=compressed_label, size=size,
+                                               folder=folder / "compressed", compile=False))  # fmt: skip
                 if label != "dense":
-                    if label == "compressed":
-                        model.save_pretrained(folder / "compressed")
-                        configurations.append(dict(dtype=dtype, ratio=ratio, form="compressed", size=size,
-                                                   folder=folder / "compressed", compile=False))  # fmt: skip
                     model.fuse()
-                    label = "fused" if multiple == 1 else f"fused, ranks x{multiple}"
                 model.save_pretrained(folder / "model")
                 configurations.append(dict(dtype=dtype, ratio=ratio, form=label, size=size, folder=folder / "model",
                                            compile=False))  # fmt: skip
@@ -289,6 +297,8 @@ def main() -> None:
     parser.add_argument("--quant-types", nargs="*", default=[], choices=["int8", "int4", "nf4"],
                         help="also measure dense and fused quantized with each (quantize(); int4 also packaged)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
+    parser.add_argument("--plain-factors", action="store_true",
+                        help="add rows of the same kept ranks stored as two plain factors (unaligned)")
     parser.add_argument("--measure", metavar="FOLDER", default=None, help="what the benchmark runs in a fresh process: "
                         "measure the saved form in FOLDER here and print its figures as one JSON line")  # fmt: skip
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="--measure: the dtype to load in")
@@ -306,7 +316,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="acip-inference-") as tmp:
         source = Path(args.model_dir) if args.model_dir else build_source(Path(tmp) / "source")
         configurations = save_configurations(source, Path(tmp), args.ratios, args.dtypes, args.rank_multiple,
-                                             args.quant_types)  # fmt: skip
+                                             args.plain_factors, args.quant_types)  # fmt: skip
         configurations = with_compiled(configurations, args.compile_dtypes)
         configurations = with_packages(configurations, args.package_dtypes, args.new_tokens)
         runs = []

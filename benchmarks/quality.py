@@ -11,6 +11,7 @@ tokens as the ACIP run it is compared with: one fine-tune per size, where ACIP s
 
     python benchmarks/quality.py                      # every run below, then the table
     python benchmarks/quality.py --runs today new     # some of them
+    python benchmarks/quality.py --runs new dec06 --plot docs/eval_perplexity  # their rows and the dense model's
 """
 
 import argparse
@@ -25,7 +26,7 @@ from acip.runs import latest_checkpoint
 from acip.evaluation import DEFAULT_DATA, evaluate_perplexity, perplexity, uniform_scores
 from acip.finetune import FinetuneConfig, finetune
 from acip.records import RUN_FILE
-from acip.report import write_report
+from acip.report import REPORT_STEM, write_report
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 # Every row names all it changes from the quick preset of its day, so that it still means that run when the preset
@@ -242,12 +243,35 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, dict], out: Path, max_blocks: int) -> None:
+    """Write ``out``.{csv,json,png} (acip.report's files): every run's perplexity by ratio as one line per run, and the
+    dense base model's on the same windows as the dashed line."""
+    from acip.data import load_blocks
+    from acip.default_model import load_default_model
+    from acip.report import PerplexityReport, write_report
+
+    base, tokenizer = load_default_model(torch.float32)
+    report = PerplexityReport("SmolLM2-135M, quick preset", 512, list(RATIOS))
+    for data in DEFAULT_DATA:
+        windows = load_blocks(data, tokenizer, 512, max_blocks)
+        report.windows[data] = len(windows)
+        report.dense[data] = perplexity(base.eval(), windows, desc=f"dense, {data}")
+        report.results[data] = {
+            name: {float(r): p for r, p in result["perplexity"][data].items()} for name, result in results.items()
+        }
+    write_report(report, out.parent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/quality", help="where runs and their results are kept")
     parser.add_argument("--runs", nargs="+", default=[*RUNS, *PEERS, *FLEXRANK], choices=[*RUNS, *PEERS, *FLEXRANK])
     parser.add_argument("--max-blocks", type=int, default=16, help="windows of 512 tokens per text")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also write FOLDER/eval_perplexity.{csv,json,png}: the runs' rows and the dense model's")
     args = parser.parse_args()
+    if args.plot is not None and args.plot.name != REPORT_STEM:  # checked before hours of runs, not after
+        parser.error(f"--plot must be FOLDER/{REPORT_STEM}, got {args.plot}")
     root = Path(args.root)
     results = {}
     for name in args.runs:
@@ -261,6 +285,8 @@ def main() -> None:
             results[name] = peer_run(name, root, tokens, args.max_blocks)
         print(f"{name}: {results[name].get('train_seconds', results[name]['wall_seconds']):.0f} s training", flush=True)
     print(table(results))
+    if args.plot is not None:
+        plot(results, args.plot, args.max_blocks)
 
 
 if __name__ == "__main__":
