@@ -42,7 +42,7 @@ from .pruning import (  # QUANT_TYPES: the package imports it from here
     stored_bytes,
     stored_rank,
 )
-from .quantization import IntLinear, balanced
+from .quantization import IntLinear, balanced, input_moments, refit_output_factor
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -410,7 +410,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         return self
 
     @torch.no_grad()
-    def quantize(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> "ACIPModel":
+    def quantize(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None,
+                 calibration=None) -> "ACIPModel":
         """Quantize every linear layer of the base LM but the output head (the factor layers and the dense ones).
         Returns the model.
 
@@ -421,24 +422,35 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 (bfloat16 activations; faster than float32 matmuls on a CPU; elsewhere dequantized per call), see
                 quantization.py. A fused model (:meth:`fuse`) quantizes its fused matmuls.
             compute_dtype: for "nf4"/"fp4" only.
+            calibration: for "int4" on a compressed model: token ids (a (B, T) tensor, or a list of them) whose
+                activations guide the rounding (GPTQ: each layer's output error on such inputs is kept small, not each
+                weight's; a few thousand tokens of ordinary text do, e.g. ``acip.data.load_blocks``); None rounds
+                every weight to nearest. Measured on the quick preset's SmolLM2: see docs/quantization.md.
         """
         if quant_type == AUTO:
             if self.planned_quant_type is None:
                 raise ValueError("quant_type='auto' quantizes as prune_model_by_score(memory_budget=..., "
                                  "dtype='auto') planned: plan first, or name a quant type")  # fmt: skip
             quant_type = self.planned_quant_type
+            calibration = calibration if quant_type == "int4" else None  # only int4 rounds by calibration
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES} or 'auto', got {quant_type!r}")
         if is_quantized(self):
             raise RuntimeError("this model is already quantized: quantize() a model once (reload the unquantized "
                                "model to choose another quant_type)")  # fmt: skip
+        if calibration is not None:
+            calibration = _check_calibration(calibration, self.config)
+            if quant_type != "int4" or not self.config.compressed:
+                state = "compressed" if self.config.compressed else "prunable"
+                raise ValueError("calibration applies to quantize('int4') of a compressed model, got "
+                                 f"quant_type={quant_type!r} on a {state} model")  # fmt: skip
         if quant_type in INT_TYPES and compute_dtype is not None:
             raise ValueError(f"compute_dtype applies to {BNB_TYPES} only; quant_type={quant_type!r} computes in "
                              "bfloat16 with torch's kernels")  # fmt: skip
         head = self.model.get_output_embeddings()
         targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
         if quant_type in INT_TYPES:
-            self._quantize_int(quant_type)
+            self._quantize_int(quant_type, calibration)
             return self
         compute_dtype = compute_dtype or self.dtype
         for name, linear in targets:
@@ -452,7 +464,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         )
         return self
 
-    def _quantize_int(self, quant_type: str) -> None:
+    def _quantize_int(self, quant_type: str, calibration: list[torch.Tensor] | None = None) -> None:
         """quantize("int8"/"int4"): for int4, a compressed model's factor pairs balanced first (see
         quantization.balanced; a fused model is unfused for it and fused again), then every linear layer but the head
         quantized. int8 keeps the pairs as they are: its rounding is fine enough for the aligned pair (perplexity of
@@ -465,6 +477,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             for name, layer in self.acip_layers().items():
                 _check_plain_layers(name, layer)
         rebalance = config.compressed and quant_type == "int4"
+        moments = {}
         if rebalance:
             if fused:
                 self.unfuse()
@@ -473,14 +486,41 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                 self.model.set_submodule(name, layer)
             config.layer_ranks = {n: m.rank for n, m in pairs.items() if type(m) is not nn.Linear}
             config.dense_modules = [n for n, m in pairs.items() if type(m) is nn.Linear]
+            # unfused, every factor is a module of its own: its inputs can be observed (a fused model's are not)
+            moments = input_moments(self.model, calibration) if calibration is not None else {}
+            for name, layer in pairs.items():  # each output factor makes up for its input factor's rounding
+                if f"{name}.sv" in moments and layer.rank:
+                    moments[f"{name}.u"] = refit_output_factor(layer, moments[f"{name}.sv"])
             if fused:
                 self.fuse()
         head = self.model.get_output_embeddings()
         targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
-        small = {n: IntLinear.from_linear(m, quant_type) for n, m in targets if m.in_features and m.out_features}
+        small = {n: IntLinear.from_linear(m, quant_type, _moment_of(n, moments)) for n, m in targets
+                 if m.in_features and m.out_features}  # fmt: skip
         for name, layer in small.items():
             self.model.set_submodule(name, layer)
         config.int_quantization = {"quant_type": quant_type, "modules": list(small), "factors": rebalance}
+
+
+def _check_calibration(calibration, config) -> list[torch.Tensor]:
+    """``calibration`` as a list of (B, T) token id tensors, or a clear error."""
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    vocab = config.text_config.vocab_size
+    for ids in batches:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int) or \
+                not ids.numel() or int(ids.min()) < 0 or int(ids.max()) >= vocab:  # fmt: skip
+            raise ValueError(f"calibration must be (B, T) integer token ids in [0, {vocab}) or a list of them, got "
+                             f"{ids if not isinstance(ids, torch.Tensor) else (ids.dtype, tuple(ids.shape))!r}")
+    return batches
+
+
+def _moment_of(name: str, moments: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The input moment of the fused or unfused linear layer ``name`` from those observed on the unfused model: a
+    fused group's shared matmul sees its first member's input."""
+    if name.endswith(".shared.proj"):
+        member = name[: -len(".shared.proj")]
+        return moments.get(f"{member}.sv", moments.get(member))
+    return moments.get(name)
 
 
 def _check_plain_layers(name: str, layer: nn.Module) -> None:

@@ -30,6 +30,10 @@ from .parametrization import AlignedLowRankLinear, LowRankLinear
 from .pruning import INT4_GROUP, INT4_ROWS, INT8_COLUMNS, INT_TYPES, padded
 
 CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # shares of a group's range tried, around its midpoint
+REFIT_RIDGE = 1e-6  # refit_output_factor's ridge, as a share of the mean diagonal: only against exact singularity
+GPTQ_DAMPING = 0.1  # added to the input moment's diagonal, as a share of its mean: GPTQ's 0.01 over-fits a few
+# thousand calibration tokens (held-out output error of SmolLM2's layers lower at 0.1, docs/quantization.md)
+GPTQ_BLOCK = 128  # columns whose errors are passed on to the later ones at once
 
 
 def _has_cpu_kernels() -> bool:
@@ -46,31 +50,136 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float weight -> (N padded, K padded / 2) uint8 in the portable layout and (K padded / group, N padded, 2)
-    bfloat16 scales and offsets, ``w ≈ (q − 8)·s + z`` per group of ``group`` weights along a row."""
-    rows, cols = weight.shape
-    n, k = padded(rows, INT4_ROWS), padded(cols, group)
-    w = F.pad(weight.detach().float(), (0, k - cols, 0, n - rows)).view(n, k // group, group)
+def _group_grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, G, group) weights -> the (N, G, 1) scale and offset (bfloat16 values, as float32) of each group: of the
+    clips in CLIP_SEARCH, the one with the least squared rounding error."""
     lo, hi = w.amin(dim=2, keepdim=True), w.amax(dim=2, keepdim=True)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
-    best = best_err = best_scale = best_zero = None
+    best_err = best_scale = best_zero = None
     for share in CLIP_SEARCH:
         scale = (2 * share * half / 15).clamp_min(1e-12).to(torch.bfloat16).float()
         zero = (mid - share * half + 8 * scale).to(torch.bfloat16).float()  # the value of q = 8
-        q = torch.round((w - zero) / scale + 8).clamp(0, 15)
-        err = ((q - 8) * scale + zero - w).square().sum(dim=2, keepdim=True)
-        if best is None:
-            best, best_err, best_scale, best_zero = q, err, scale, zero
+        err = ((_round_int4(w, scale, zero) - 8) * scale + zero - w).square().sum(dim=2, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
         else:
             better = err < best_err
-            best = torch.where(better, q, best)
             best_err, best_scale, best_zero = [torch.where(better, a, b) for a, b in
                                                ((err, best_err), (scale, best_scale), (zero, best_zero))]  # fmt: skip
-    q = best.view(n, k).to(torch.uint8)
+    return best_scale, best_zero
+
+
+def _round_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values q in [0, 15] nearest to ``w`` on the grid ``(q − 8)·scale + zero``."""
+    return torch.round((w - zero) / scale + 8).clamp(0, 15)
+
+
+def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) values in [0, 15] and (N, K / group, 1) scales and offsets -> quantize_int4's two tensors."""
+    q = q.to(torch.uint8)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    scale_zero = torch.cat([best_scale, best_zero], dim=2).permute(1, 0, 2).to(torch.bfloat16).contiguous()
+    scale_zero = torch.cat([scale, zero], dim=2).permute(1, 0, 2).to(torch.bfloat16).contiguous()
     return packed, scale_zero
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (N padded, K padded / 2) uint8 in the portable layout and (K padded / group, N padded, 2)
+    bfloat16 scales and offsets, ``w ≈ (q − 8)·s + z`` per group of ``group`` weights along a row, each weight
+    rounded to nearest."""
+    rows, cols = weight.shape
+    n, k = padded(rows, INT4_ROWS), padded(cols, group)
+    w = F.pad(weight.detach().float(), (0, k - cols, 0, n - rows)).view(n, k // group, group)
+    scale, zero = _group_grid(w)
+    return _pack_int4(_round_int4(w, scale, zero).view(n, k), scale, zero)
+
+
+@torch.no_grad()
+def gptq_int4(weight: torch.Tensor, moment: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int4`'s output, rounded by GPTQ (Frantar et al. 2022) instead of to nearest: the columns are
+    rounded one by one and each rounding error is passed on to the columns not yet rounded, weighted by the inverse
+    of ``moment`` (K, K), the second moment ``E[x·xᵀ]`` of the layer's inputs, so that the error of the layer's
+    outputs on such inputs is small, not that of each weight. Columns go in order of decreasing input energy (the
+    hardest first, while the most columns are left to absorb their errors: GPTQ's "act order"), each on its group's
+    grid, chosen beforehand from the weights as they are (:func:`_group_grid`): groups stay runs of a row."""
+    rows, cols = weight.shape
+    n, k = padded(rows, INT4_ROWS), padded(cols, group)
+    w = F.pad(weight.detach().double(), (0, k - cols, 0, n - rows))  # (N, K)
+    h = F.pad(moment.detach().double().to(w.device), (0, k - cols, 0, k - cols))  # (K, K)
+    dead = h.diagonal() == 0  # inputs that are always 0 (and the padding): their weights do not matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    scale, zero = (t.double() for t in _group_grid(w.float().view(n, k // group, group)))  # (N, K / group, 1)
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())  # keeps the inverse well conditioned
+    # upper Cholesky factor of H⁻¹: row i holds how column i's error spreads over the columns after it
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    column_scale, column_zero = scale[:, order // group, 0], zero[:, order // group, 0]  # (N, K), permuted
+    q = torch.empty(n, k, dtype=torch.float64, device=w.device)
+    for start in range(0, k, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, k)
+        errors = torch.empty(n, end - start, dtype=torch.float64, device=w.device)
+        for i in range(start, end):
+            s, z = column_scale[:, i], column_zero[:, i]
+            q[:, i] = torch.round((w[:, i] - z) / s + 8).clamp(0, 15)
+            error = (w[:, i] - ((q[:, i] - 8) * s + z)) / hinv[i, i]
+            w[:, i:end] -= error[:, None] * hinv[i, i:end][None]
+            errors[:, i - start] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]  # the block's errors, passed on to every later column at once
+    return _pack_int4(q[:, torch.argsort(order)], scale.float(), zero.float())
+
+
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, rows: int, cols: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """:func:`quantize_int4`'s two tensors (the portable layout) -> the (rows, cols) weight they stand for."""
+    q = _unpack_nibbles(packed).float()  # (N padded, K padded)
+    scale, zero = scale_zero.float().permute(1, 0, 2).repeat_interleave(INT4_GROUP, dim=1).unbind(2)
+    return ((q - 8) * scale + zero)[:rows, :cols].to(dtype)
+
+
+@torch.no_grad()
+def refit_output_factor(pair: LowRankLinear, moment: torch.Tensor) -> torch.Tensor:
+    """For a balanced pair whose input factor V GPTQ will round to V̂ (inputs of second moment ``moment``, H): set the
+    output factor to the U' for which U'·V̂x is closest to U·Vx on such inputs (least squares, U' = U·(V·H·V̂ᵀ)·
+    (V̂·H·V̂ᵀ)⁻¹), so that U makes up for V's rounding; returns V̂·H·V̂ᵀ, the second moment of U's inputs then."""
+    v, h, u = pair.sv.weight.double(), moment.double().to(pair.sv.weight.device), pair.u.weight.double()
+    v_hat = dequantize_int4(*gptq_int4(pair.sv.weight, h), pair.rank, pair.in_features, torch.float64)
+    own = v_hat @ h @ v_hat.T  # (r, r)
+    cross = v @ h @ v_hat.T  # (r, r)
+    ridge = REFIT_RIDGE * own.diagonal().mean() * torch.eye(pair.rank, dtype=own.dtype, device=own.device)
+    refit = torch.linalg.solve(own + ridge, (u @ cross).T).T  # own is symmetric: U·cross·own⁻¹
+    pair.u.weight.copy_(refit.to(pair.u.weight.dtype))
+    return own.float()
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """The second moment ``E[x·xᵀ]`` (in, in) of the inputs of every nn.Linear of ``model`` called as a module, by
+    name, over the token id batches ``batches`` (each (B, T)): what :func:`gptq_int4` needs."""
+    sums, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return accumulate
+
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            hooks.append(module.register_forward_pre_hook(hook(name)))
+    training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(ids.to(device))
+    finally:
+        model.train(training)
+        for handle in hooks:
+            handle.remove()
+    return {name: total / counts[name] for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -151,15 +260,17 @@ class IntLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, quant_type: str) -> "IntLinear":
-        """A quantized copy of ``linear`` (plain float nn.Linear), on its device; the bias keeps its dtype."""
+    def from_linear(cls, linear: nn.Linear, quant_type: str, moment: torch.Tensor | None = None) -> "IntLinear":
+        """A quantized copy of ``linear`` (plain float nn.Linear), on its device; the bias keeps its dtype. With the
+        second moment of its inputs (``moment``, see :func:`input_moments`), int4 is rounded by :func:`gptq_int4`."""
         weight = linear.weight
         with torch.device("meta"):
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type)
         if quant_type == "int8":
             layer.qweight, layer.scale = quantize_int8(weight)
         else:
-            layer.qweight, layer.scale_zero = quantize_int4(weight)
+            rounded = quantize_int4(weight) if moment is None else gptq_int4(weight, moment.to(weight.device))
+            layer.qweight, layer.scale_zero = (t.to(weight.device) for t in rounded)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -216,9 +327,7 @@ class IntLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if self.quant_type == "int8":
             return (self.qweight.float() * self.scale.float()[:, None])[:, :k].to(dtype)
-        q = _unpack_nibbles(self._portable_qweight()).float()  # (N padded, K padded)
-        scale, zero = self.scale_zero.float().permute(1, 0, 2).repeat_interleave(INT4_GROUP, dim=1).unbind(2)
-        return ((q - 8) * scale + zero)[:n, :k].to(dtype)
+        return dequantize_int4(self._portable_qweight(), self.scale_zero, n, k, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x·Wᵀ + b``: the CPU kernel on bfloat16 activations, elsewhere a matmul with the dequantized weight."""

@@ -26,6 +26,7 @@ import torch
 from . import hub
 from .distributed import Processes
 from .evaluation import DEFAULT_DATA, DEFAULT_RATIOS
+from .export import CALIBRATION, CALIBRATION_BLOCKS
 from .finetune import FinetuneConfig, finetune
 from .folders import check_not_busy
 from .hub.modeling_acip import QUANT_TYPES
@@ -114,6 +115,7 @@ def export_main(args: argparse.Namespace) -> None:
     out = export_model(
         args.model_dir, args.out_dir, repo_id=args.repo_id, license=args.license, ratio=args.ratio,
         quantize=args.quantize, dtype=args.dtype, overwrite=args.overwrite, validate=not args.no_validate,
+        calibration=None if args.calibration == "none" else args.calibration,
     )  # fmt: skip
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     checked = "" if args.no_validate else ", loads offline through trust_remote_code"
@@ -270,7 +272,11 @@ def _add_export(commands) -> None:
     export.add_argument("--license", default=None, help="Hub license id (apache-2.0, mit, other...); "
                         "needed unless the base model's is known")  # fmt: skip
     export.add_argument("--ratio", type=float, default=None, help="prune to this size ratio and compress first")
-    export.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="store the layers in 4 bits")
+    export.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="store the layers in 4 bits (nf4, fp4: "
+                        "bitsandbytes; int4: torch's CPU kernels) or 8 bits (int8)")
+    export.add_argument("--calibration", default=CALIBRATION, metavar="SOURCE", help="int4: text whose activations "
+                        f"guide the rounding (GPTQ, {CALIBRATION_BLOCKS} x 512 tokens; default {CALIBRATION}; a file, "
+                        "corpus or Hub dataset as for --data), or 'none' to round to nearest")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weight dtype")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir once the new one passed")
     export.add_argument("--no-validate", action="store_true", help="skip loading the folder in a fresh process")

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from .data import hub_dataset_name
+from .data import hub_dataset_name, load_blocks
 from .default_model import HUB_NAME
 from .folders import check_not_busy, check_output_dir, replaceable, replacing, tree_files, write_atomically, write_json
 from .hub.modeling_acip import QUANT_TYPES, ACIPModel
-from .inputs import check_model_dir, is_local_path
+from .inputs import check_data_source, check_model_dir, is_local_path
 from .records import EXPORT_FILE
 from .report import REPORT_STEM, read_report, write_report
 from .sizes import check_ratio_suits, load_at_size
@@ -36,6 +36,8 @@ from .sizes import check_ratio_suits, load_at_size
 # the repository's requirements.txt is this list (tests/test_export.py checks that they agree).
 HUB_REQUIREMENTS = ("torch>=2.4", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4")
 QUANT_REQUIREMENT = "bitsandbytes>=0.45"
+CALIBRATION = "wiki-train"  # export's default calibration text for int4 (GPTQ rounding)
+CALIBRATION_BLOCKS = 16  # windows of 512 tokens of it: 8,192 tokens (docs/quantization.md)
 KNOWN_LICENSES = {HUB_NAME: "apache-2.0"}  # base models whose license we can fill in unasked
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECK_SCRIPT = Path(__file__).with_name("hub_check.py")
@@ -57,6 +59,7 @@ def export_model(
     ratio: float | None = None,
     quantize: str | None = None,
     dtype: str | None = None,
+    calibration: str | os.PathLike | None = CALIBRATION,
     overwrite: bool = False,
     validate: bool = True,
 ) -> Path:
@@ -69,7 +72,11 @@ def export_model(
         ratio: prune to this size ratio and compress before export (a compressed, smaller model); None exports the
             model as it is (a prunable model stays prunable).
         quantize: ``"nf4"`` or ``"fp4"``: store the compressed model in 4 bits (a prunable model needs ``ratio``);
-            the folder then needs bitsandbytes.
+            the folder then needs bitsandbytes; ``"int8"`` or ``"int4"``: weight-only integers on torch's CPU
+            kernels (docs/quantization.md).
+        calibration: for ``"int4"``, the text whose activations guide the rounding (GPTQ; CALIBRATION_BLOCKS windows
+            of 512 tokens): a built-in corpus, a file or a Hub dataset (as ``acip compress --data``); None rounds to
+            nearest. Ignored by the other quant types.
         dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` weights (masks and scores stay float32).
         overwrite: replace a non-empty ``out_dir`` that an earlier acip command wrote, once the new folder is
             complete and has passed its check (swapped in at once; docs/guarantees.md).
@@ -79,11 +86,16 @@ def export_model(
     ``acip_export.json`` lists where (``local_paths_replaced``).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype}
+    settings = {"repo_id": repo_id, "license": license, "ratio": ratio, "quantize": quantize, "dtype": dtype,
+                "calibration": None if quantize != "int4" or calibration is None else os.fspath(calibration)}
     settings["license"] = _check_export(model_dir, out_dir, settings)
     with replacing(out_dir, "out_dir", lambda: replaceable(out_dir, overwrite, "out_dir")) as output:
         model = load_at_size(model_dir, ratio, DTYPES.get(dtype, "auto"))
-        if quantize is not None:
+        if settings["calibration"] is not None:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            blocks = load_blocks(settings["calibration"], tokenizer, 512, CALIBRATION_BLOCKS)  # (N, 512)
+            model.quantize(quantize, calibration=list(blocks.split(2)))
+        elif quantize is not None:
             model.quantize(quantize)
         with output.staged() as stage:
             _write_export(model, model_dir, stage, settings, repo_id or f"ORG/{Path(os.path.abspath(out_dir)).name}")
@@ -102,6 +114,8 @@ def _check_export(model_dir: Path, out_dir: Path, settings: dict) -> str:
         raise ValueError(f"quantize must be one of {QUANT_TYPES} or None, got {quantize!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {dtype!r}")
+    if settings["calibration"] is not None:
+        check_data_source("calibration", settings["calibration"])
     check_model_dir("model_dir", model_dir)
     config = check_ratio_suits("model_dir", model_dir, ratio, needed=False)
     if not (model_dir / "tokenizer_config.json").exists():

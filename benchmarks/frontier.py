@@ -11,6 +11,8 @@ per group, the plain min/max range, weights rounded and evaluated in float32 —
 nf4 (block 64, float32 absmax); the project's int8 / int4 (quantization.py) applied to the dense layers; HQQ
 (``hqq`` package, 4/3/2 bits, groups of 64) when it is installed and runs here. ACIP rows: every size of
 --ratios, compressed, then float16 (weights rounded to float16, evaluated in float32), int8, int4 and nf4.
+"int4-gptq" rows (dense and ACIP): int4 rounded by GPTQ (quantize("int4", calibration=...)) on 16 windows of 512
+tokens of wiki-train (training text, not evaluation text).
 
 Perplexity on the first 16 windows of 512 tokens of each source (acip.evaluation.DEFAULT_DATA), float32 compute
 (the int rows: bfloat16 activations, as their kernels run). Every row is cached in --root/frontier.json as it
@@ -35,12 +37,13 @@ from acip import ACIPModel
 from acip.data import load_blocks
 from acip.default_model import load_default_model
 from acip.evaluation import DEFAULT_DATA, perplexity
-from acip.hub.quantization import IntLinear
+from acip.hub.quantization import IntLinear, input_moments
 from acip.memory import model_bytes
 
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-ACIP_QUANTS = ("float16", "int8", "int4", "nf4")
-DENSE_ROWS = ("float32", "rtn8", "rtn4", "rtn3", "rtn2", "nf4", "int8", "int4", "hqq4", "hqq3", "hqq2")
+ACIP_QUANTS = ("float16", "int8", "int4", "int4-gptq", "nf4")
+DENSE_ROWS = ("float32", "rtn8", "rtn4", "rtn3", "rtn2", "nf4", "int8", "int4", "int4-gptq", "hqq4", "hqq3", "hqq2")
+CALIBRATION = ("wiki-train", 16)  # the "-gptq" rows' calibration: this many 512-token windows of this source
 BUDGETS = (8.5, 6.0, 5.0, 4.5, 4.3, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
 GROUP = 64
 
@@ -109,11 +112,17 @@ def sizes(model: nn.Module, layers: list[nn.Module], dense_weights: int, bytes_o
     return {"bits": 8 * stored / dense_weights, "model_mb": (stored + 2 * rest_params(model, layers)) / 1e6}
 
 
+def calibration(tokenizer) -> torch.Tensor:
+    """The "-gptq" rows' calibration token ids, (16, 512)."""
+    source, blocks = CALIBRATION
+    return load_blocks(source, tokenizer, 512, blocks)
+
+
 def dense_row(kind: str, windows: dict, dense_weights: int) -> dict:
     """Build and evaluate one dense row."""
     from acip.hub.parametrization import to_4bit
 
-    model, _ = load_default_model(torch.float32)
+    model, tokenizer = load_default_model(torch.float32)
     linears = decoder_linears(model)
     weights = sum(m.weight.numel() for m in linears.values())
     override = None
@@ -130,6 +139,10 @@ def dense_row(kind: str, windows: dict, dense_weights: int) -> dict:
         hqq_quantize(model, bits)
         groups = sum(m.out_features * math.ceil(m.in_features / GROUP) for m in linears.values())
         override = weights * bits // 8 + 4 * groups  # HQQ's scale and zero per group, 16 bits each
+    elif kind == "int4-gptq":
+        moments = input_moments(model, calibration(tokenizer).split(2))
+        for name, m in linears.items():
+            model.set_submodule(name, IntLinear.from_linear(m, "int4", moments[name]))
     else:  # the project's own layers
         for name, m in linears.items():
             layer = to_4bit(m, kind, torch.float32) if kind == "nf4" else IntLinear.from_linear(m, kind)
@@ -139,7 +152,8 @@ def dense_row(kind: str, windows: dict, dense_weights: int) -> dict:
     return {**sizes(model, layers, dense_weights, override), **evaluate(model, windows)}
 
 
-def acip_rows(model_dir: str, ratio: float, quants: list[str], windows: dict, dense_weights: int, done) -> None:
+def acip_rows(model_dir: str, ratio: float, quants: list[str], windows: dict, dense_weights: int, done,
+              tokenizer) -> None:  # fmt: skip
     """Build and evaluate the ACIP rows of one size; ``done(row, result)`` records each."""
     model = ACIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.prune_model_by_score(ratio).compress()
@@ -154,6 +168,9 @@ def acip_rows(model_dir: str, ratio: float, quants: list[str], windows: dict, de
                         p.data = p.data.half().float()
             override = sum(layer_bits_bytes(m) for m in layers)
             override -= sum(p.numel() * 2 for m in layers for n, p in m.named_parameters() if not n.endswith("bias"))
+        elif quant == "int4-gptq":
+            q.quantize("int4", calibration=calibration(tokenizer).split(2))
+            layers = list(q.acip_layers().values())
         else:
             q.quantize(quant)
             layers = list(q.acip_layers().values())
@@ -220,7 +237,8 @@ def plot(results: dict, sources, path: Path) -> None:
     for ax, source in zip(axes, sources):
         groups = {}
         for name, r in results.items():
-            family = name.split("-")[-1] if name.startswith("acip") else "dense " + name.split("-", 1)[1].rstrip(
+            # acip-<ratio>-<quant>: one curve per quant; dense-<quantizer><bits>: one per quantizer
+            family = name.split("-", 2)[2] if name.startswith("acip") else "dense " + name.split("-", 1)[1].rstrip(
                 "0123456789")  # fmt: skip
             label = f"ACIP {family}" if name.startswith("acip") else family
             groups.setdefault(label, []).append((r["bits"], r["ppl"][source] / dense["ppl"][source]))
@@ -281,7 +299,7 @@ def main() -> None:
         for ratio in args.ratios:
             quants = [q for q in ACIP_QUANTS if f"acip-{ratio}-{q}" in todo]
             if quants:
-                acip_rows(args.model_dir, ratio, quants, windows, dense_weights, done)
+                acip_rows(args.model_dir, ratio, quants, windows, dense_weights, done, tokenizer)
     print(table(results, DEFAULT_DATA))
     if "dense-float32" in results:
         plot(results, DEFAULT_DATA, Path(args.plot) if args.plot else root / "frontier.png")

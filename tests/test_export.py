@@ -9,6 +9,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import safetensors.torch
 import torch
 from conftest import save_tiny_run
 from huggingface_hub import ModelCard
@@ -283,3 +284,18 @@ def test_cli_export_and_push(exported, fake_hub, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(acip_dir), str(tmp_path / "y"), "--license", "mit", "--push-to-hub"])
     assert exit_info.value.code == 2 and "acip export: error: --push-to-hub needs --repo-id" in capsys.readouterr().err
+
+
+def test_int4_export_is_calibrated_unless_told_not_to(exported, tmp_path):
+    acip_dir, _, _ = exported
+    with pytest.raises(FileNotFoundError, match="calibration: no such file"):
+        export_model(acip_dir, tmp_path / "bad", license="mit", ratio=0.5, quantize="int4",
+                     calibration=str(tmp_path / "missing.txt"))  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    calibrated = export_model(acip_dir, tmp_path / "gptq", license="mit", ratio=0.5, quantize="int4", validate=False)
+    nearest = export_model(acip_dir, tmp_path / "rtn", license="mit", ratio=0.5, quantize="int4", calibration=None,
+                           validate=False)  # fmt: skip
+    assert json.loads((calibrated / "config.json").read_text())["int_quantization"]["quant_type"] == "int4"
+    a, b = (safetensors.torch.load_file(folder / "model.safetensors") for folder in (calibrated, nearest))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("qweight"))

@@ -1,5 +1,7 @@
 """quantize("int8") and quantize("int4"): weight-only integers with torch's CPU kernels (quantization.py)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -150,3 +152,56 @@ def test_auto_errors():
         model.prune_model_by_score(0.5, dtype="auto")
     model.prune_model_by_score(0.5)
     assert model.planned_quant_type is None
+
+
+def test_gptq_rounding_keeps_the_output_error_smaller_than_rounding_to_nearest():
+    from acip.hub.quantization import gptq_int4
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    x = torch.randn(2048, 96) @ (0.3 * torch.randn(96, 96) + torch.eye(96))  # correlated inputs, as in an LM
+    x[:, :4] *= 10  # a few large input features, as LMs have
+    x[:, 7] = 0  # an input that is always 0: no information about its weights
+    moment = x.T @ x / len(x)
+    errors = {}
+    for name, moment_or_none in (("rtn", None), ("gptq", moment)):
+        layer = IntLinear.from_linear(linear, "int4", moment_or_none)
+        with torch.no_grad():
+            errors[name] = relative_error(x @ layer.dequantized().T, linear(x))
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+    q, scale_zero = gptq_int4(linear.weight, moment)
+    assert q.shape == (48, 64) and scale_zero.shape == (2, 48, 2)  # quantize_int4's padded shapes
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_calibrated_int4_is_closer_and_reloads(kind, fuse, tmp_path):
+    model = tiny_acip_model(kind).prune_model_by_score(0.6).compress()
+    if fuse:
+        model.fuse()
+    ids = token_ids(4, 24)
+    reference = logits(model, ids)
+    nearest = copy.deepcopy(model).quantize("int4")
+    vocab, generator = model.config.text_config.vocab_size, torch.Generator().manual_seed(1)
+    calibration = torch.randint(0, vocab, (8, 24), generator=generator)
+    model.quantize("int4", calibration=list(calibration.split(4)))
+    calibrated = logits(model, ids)
+    assert relative_error(calibrated, reference) < 0.9 * relative_error(logits(nearest, ids), reference)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    torch.testing.assert_close(logits(reloaded, ids), calibrated, atol=1e-5, rtol=0)
+
+
+def test_calibration_errors_name_the_argument_and_change_nothing():
+    compressed = tiny_acip_model("llama").prune_model_by_score(0.5).compress()
+    before = {k: v.clone() for k, v in compressed.state_dict().items()}
+    ids = token_ids(2, 8)
+    with pytest.raises(ValueError, match=r"calibration applies to quantize\('int4'\) .* quant_type='int8'"):
+        compressed.quantize("int8", calibration=ids)
+    with pytest.raises(ValueError, match=r"calibration must be \(B, T\) integer token ids in \[0, "):
+        compressed.quantize("int4", calibration=ids + compressed.config.text_config.vocab_size)
+    with pytest.raises(ValueError, match="calibration must be"):
+        compressed.quantize("int4", calibration=ids.float())
+    assert compressed.config.int_quantization is None
+    assert all(torch.equal(v, compressed.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="on a prunable model"):
+        tiny_acip_model("llama").quantize("int4", calibration=ids)
