@@ -41,6 +41,21 @@ def _has_cpu_kernels() -> bool:
     return hasattr(torch, "_weight_int8pack_mm") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
+# Compiled code (torch.export, acip package) calls the int8 kernel through this opaque op: torch 2.13's inductor fails
+# to lower the kernel itself on a model's activations (an assertion on a Pointwise input). Registered once per process,
+# whichever copy of this file (the package's, or a Hub folder's dynamic module) is imported first.
+if _has_cpu_kernels() and not hasattr(torch.ops.acip, "int8_mm"):
+
+    @torch.library.custom_op("acip::int8_mm", mutates_args=())
+    def _int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``torch._weight_int8pack_mm``: (M, K) bfloat16 × (N, K) int8 with (N,) scales -> (M, N) bfloat16."""
+        return torch._weight_int8pack_mm(x, qweight, scale)
+
+    @_int8_mm.register_fake
+    def _(x, qweight, scale):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float weight -> (N, K padded) int8 and (N,) bfloat16 scales, symmetric per row."""
     rows, cols = weight.shape
@@ -338,7 +353,8 @@ class IntLinear(nn.Module):
         if width != self.in_features:
             h = F.pad(h, (0, width - self.in_features))
         if self.quant_type == "int8":
-            y = torch._weight_int8pack_mm(h, self.qweight, self.scale)
+            kernel = torch.ops.acip.int8_mm if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+            y = kernel(h, self.qweight, self.scale)
         else:
             self._to_kernel_layout()
             y = torch._weight_int4pack_mm_for_cpu(h, self.qweight, INT4_GROUP, self.scale_zero)

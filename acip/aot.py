@@ -86,11 +86,6 @@ def build_package(model: ACIPModel, path: str | os.PathLike, batch_size: int = 1
         raise RuntimeError("build_package() needs a model without bitsandbytes layers: 4-bit layers do not export "
                            "(quantize('int8') and quantize('int4') do)")
 
-    if (model.config.int_quantization or {}).get("quant_type") == "int8":
-        # torch 2.13's inductor fails to lower the int8 kernel on the sliced activations of a model ("Pointwise"
-        # assertion in its extern-kernel choice), with the kernel called directly or matched from dequantize-matmul
-        raise RuntimeError("build_package() does not compile quantize('int8') models yet (inductor cannot lower "
-                           "torch's int8 kernel here); int4 and unquantized models compile")  # fmt: skip
     check = lambda: check_package_target(path, batch_size, max_cache_len, overwrite)  # noqa: E731
     # the stage keeps the .pt2 suffix, which inductor insists on
     with replacing(path, "path", check, file=True) as output, output.staged() as stage:

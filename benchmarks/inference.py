@@ -18,7 +18,7 @@ untrained: pruning then follows the initial scores. Speed depends only on the ra
 With --rank-multiple M, fused rows with every kept rank rounded up to a multiple of M are added; with --plain-factors,
 rows of the same kept ranks stored as two plain factors instead of gauge-aligned (the "factors" cost rule's form).
 With --quant-types int8 int4, dense and fused are also measured quantized ("+ int8" rows: quantize("int8"), torch's
-weight-only CPU kernels). With --package-dtypes (default float32), dense and fused (and fused + int4) are also
+weight-only CPU kernels). With --package-dtypes (default float32), dense and fused (and fused + int8 / int4) are also
 compiled ahead of time (acip.aot, minutes per
 package, before the repeats) and served by acip.aot.PackagedLM: "+ package" rows.
 
@@ -252,7 +252,8 @@ def with_packages(configurations: list[dict], dtypes, new_tokens: int) -> list[d
     out = []
     for c in configurations:
         out.append(c)
-        if c["form"] in ("dense", "fused", "fused + int4") and c["dtype"] in dtypes and not c["compile"]:
+        packaged = ("dense", "fused", "fused + int8", "fused + int4")
+        if c["form"] in packaged and c["dtype"] in dtypes and not c["compile"]:
             start = time.perf_counter()
             packages = build_inference_packages(c["folder"], c["folder"].parent / "packages", c["dtype"], new_tokens)
             print(f"packages of {c['dtype']} {c['ratio']:g} {c['form']}: {time.perf_counter() - start:.0f} s",
@@ -295,7 +296,7 @@ def main() -> None:
     parser.add_argument("--package-dtypes", nargs="*", default=["float32"], choices=DTYPES,
                         help="dtypes with ahead-of-time compiled dense and fused rows (acip.aot; minutes per package)")
     parser.add_argument("--quant-types", nargs="*", default=[], choices=["int8", "int4", "nf4"],
-                        help="also measure dense and fused quantized with each (quantize(); int4 also packaged)")
+                        help="also measure dense and fused quantized with each (quantize(); fused ones packaged too)")
     parser.add_argument("--rank-multiple", type=int, default=None, help="add fused rows with ranks rounded up to this")
     parser.add_argument("--plain-factors", action="store_true",
                         help="add rows of the same kept ranks stored as two plain factors (unaligned)")

@@ -446,11 +446,6 @@ def export_int4_with_a_missing_calibration_file(env):
     export(env, env.root / "compressed", env.root / "new", quantize="int4", calibration=env.root / "none.txt")
 
 
-@case(ValueError, r"calibration must be \(B, T\) integer token ids")
-def quantize_int4_with_text_for_calibration(env):
-    ACIPModel.from_pretrained(env.root / "compressed").quantize("int4", calibration=["not token ids"])
-
-
 @case(FileExistsError, "out_dir .* holds files acip did not write")
 def export_overwriting_a_users_folder(env):
     export(env, env.acip, env.root / "user", overwrite=True)

@@ -201,6 +201,8 @@ def test_calibration_errors_name_the_argument_and_change_nothing():
         compressed.quantize("int4", calibration=ids + compressed.config.text_config.vocab_size)
     with pytest.raises(ValueError, match="calibration must be"):
         compressed.quantize("int4", calibration=ids.float())
+    with pytest.raises(ValueError, match="calibration must be"):
+        compressed.quantize("int4", calibration=["not token ids"])
     assert compressed.config.int_quantization is None
     assert all(torch.equal(v, compressed.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="on a prunable model"):
