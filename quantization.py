@@ -172,9 +172,17 @@ def input_moments(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """The second moment ``E[x·xᵀ]`` (in, in) of the inputs of every nn.Linear of ``model`` called as a module, by
     name, over the token id batches ``batches`` (each (B, T)): what :func:`gptq_int4` needs."""
     sums, counts, hooks = {}, {}, []
+    leader = {}  # layer name -> the layer whose moment it shares: layers that read the very same input (q, k, v)
+    seen = []  # (input, name) of this batch; kept alive so that the identity check stays sound
 
     def hook(name):
         def accumulate(module, args):
+            shared = next((first for tensor, first in seen if tensor is args[0]), None)
+            if shared is not None:
+                leader.setdefault(name, shared)
+                return
+            leader.setdefault(name, name)
+            seen.append((args[0], name))
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
@@ -190,11 +198,13 @@ def input_moments(model: nn.Module, batches) -> dict[str, torch.Tensor]:
         device = next(model.parameters()).device
         for ids in batches:
             model(ids.to(device))
+            seen.clear()
     finally:
         model.train(training)
         for handle in hooks:
             handle.remove()
-    return {name: total / counts[name] for name, total in sums.items()}
+    moments = {name: total / counts[name] for name, total in sums.items()}
+    return {name: moments[first] for name, first in leader.items()}
 
 
 @torch.no_grad()
