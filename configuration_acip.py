@@ -57,8 +57,10 @@ class ACIPConfig(PretrainedConfig):
         int_quantization: for a model quantized with ``quantize("int8")`` or ``quantize("int4")``, the quant type
             and the linear layers (names relative to the base LM) stored that way, and whether the compressed layers
             are stored as balanced plain factor pairs (``"factors"``: quantize("int4") stores them so whatever the
-            rank_cost): ``{"quant_type": ..., "modules": [...], "factors": bool}``. (bitsandbytes 4-bit is recorded
-            in transformers' own ``quantization_config``.)
+            rank_cost), and the output head stored in int8 (``"head"``, its name; None in models quantized before
+            heads were) whose rows the input embedding reads (``"tied_embedding"``: the two were tied):
+            ``{"quant_type": ..., "modules": [...], "factors": bool, "head": str | None, "tied_embedding": bool}``.
+            (bitsandbytes 4-bit is recorded in transformers' own ``quantization_config``.)
     """
 
     model_type = "acip"
@@ -117,12 +119,14 @@ class ACIPConfig(PretrainedConfig):
         if int_quantization is not None and (
             not isinstance(int_quantization, dict) or int_quantization.get("quant_type") not in INT_TYPES
             or not isinstance(int_quantization.get("modules"), list)
+            or not isinstance(int_quantization.get("head"), str | None)
         ):  # fmt: skip
             raise ValueError(f"int_quantization must be {{'quant_type': one of {INT_TYPES}, 'modules': [names]}} or "
                              f"None, got {int_quantization!r}")  # fmt: skip
         self.int_quantization = None if int_quantization is None else {
             "quant_type": int_quantization["quant_type"], "modules": list(int_quantization["modules"]),
-            "factors": bool(int_quantization.get("factors", False))}  # fmt: skip
+            "factors": bool(int_quantization.get("factors", False)), "head": int_quantization.get("head"),
+            "tied_embedding": bool(int_quantization.get("tied_embedding", False))}  # fmt: skip
         self.fused_groups = [list(group) for group in fused_groups or []]
         fused = [name for group in self.fused_groups for name in group]
         if fused and not (self.compressed and len(set(fused)) == len(fused) and set(fused) <= set(self.target_modules)):

@@ -41,8 +41,18 @@ from .pruning import (  # QUANT_TYPES: the package imports it from here
     ratio_budget,
     stored_bytes,
     stored_rank,
+    tensor_bytes,
 )
-from .quantization import IntLinear, balanced, input_moments, refit_output_factor
+from .quantization import (
+    HEAD_TYPE,
+    IntLinear,
+    TiedIntEmbedding,
+    balanced,
+    gptq_int4,
+    input_moments,
+    refit_output_factor,
+    stack_rounded,
+)
 
 
 def _matches(name: str, patterns: str | list[str]) -> bool:
@@ -184,12 +194,18 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         build_fused(self.model, config.fused_groups)
         self.planned_quant_type = None  # what the last prune_model_by_score(memory_budget, dtype="auto") chose
         if config.int_quantization is not None:
-            for name in config.int_quantization["modules"]:
+            quantized = config.int_quantization
+            head = quantized["head"]  # None in models quantized before heads were
+            types = {**{name: quantized["quant_type"] for name in quantized["modules"]}, **({head: HEAD_TYPE} if head
+                     else {})}  # fmt: skip
+            for name, quant_type in types.items():
                 linear = self.model.get_submodule(name)
-                quantized = IntLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                      config.int_quantization["quant_type"], device=linear.weight.device,
-                                      dtype=linear.weight.dtype)  # fmt: skip
-                self.model.set_submodule(name, quantized)
+                self.model.set_submodule(name, IntLinear(linear.in_features, linear.out_features, linear.bias is not
+                                         None, quant_type, device=linear.weight.device, dtype=linear.weight.dtype))
+            if quantized["tied_embedding"]:
+                embedding = self.model.get_input_embeddings()
+                self.model.set_input_embeddings(TiedIntEmbedding(self.model.get_submodule(head),
+                                                                 embedding.weight.dtype))  # fmt: skip
         self.post_init()
 
     def _empty_layer(self, name: str, linear: nn.Linear) -> nn.Module:
@@ -412,8 +428,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def quantize(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None,
                  calibration=None) -> "ACIPModel":
-        """Quantize every linear layer of the base LM but the output head (the factor layers and the dense ones).
-        Returns the model.
+        """Quantize every linear layer of the base LM (the factor layers and the dense ones); the output head stays
+        as it is with "nf4"/"fp4" and turns int8 with "int8"/"int4" (an embedding tied to it then reads its int8
+        rows, so the table is stored once, in int8). Returns the model.
 
         Args:
             quant_type: "auto": as the last ``prune_model_by_score(memory_budget=..., dtype="auto")`` planned;
@@ -467,8 +484,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
     def _quantize_int(self, quant_type: str, calibration: list[torch.Tensor] | None = None) -> None:
         """quantize("int8"/"int4"): for int4, a compressed model's factor pairs balanced first (see
         quantization.balanced; a fused model is unfused for it and fused again), then every linear layer but the head
-        quantized. int8 keeps the pairs as they are: its rounding is fine enough for the aligned pair (perplexity of
-        the quick preset at 0.5 within 1% of float16, measured), which stores fewer weights."""
+        quantized, and the head in int8. int8 keeps the pairs as they are: its rounding is fine enough for the
+        aligned pair (perplexity of the quick preset at 0.5 within 1% of float16, measured), which stores fewer
+        weights."""
         config, fused = self.config, bool(self.config.fused_groups)
         if fused:
             for name in config.target_modules:  # checked before anything changes
@@ -477,7 +495,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             for name, layer in self.acip_layers().items():
                 _check_plain_layers(name, layer)
         rebalance = config.compressed and quant_type == "int4"
-        moments = {}
+        moments, rounded = {}, {}  # rounded: int4 roundings (gptq_int4's output) made already, by module name
         if rebalance:
             if fused:
                 self.unfuse()
@@ -487,19 +505,46 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             config.layer_ranks = {n: m.rank for n, m in pairs.items() if type(m) is not nn.Linear}
             config.dense_modules = [n for n, m in pairs.items() if type(m) is nn.Linear]
             # unfused, every factor is a module of its own: its inputs can be observed (a fused model's are not)
-            moments = input_moments(self.model, calibration) if calibration is not None else {}
-            for name, layer in pairs.items():  # each output factor makes up for its input factor's rounding
-                if f"{name}.sv" in moments and layer.rank:
-                    moments[f"{name}.u"] = refit_output_factor(layer, moments[f"{name}.sv"])
+            # wanted: the input sides and the untargeted layers (an output factor's moment is computed from its input
+            # side's, below, and the head is rounded to nearest)
+            wanted = {n for n, m in self.model.named_modules() if type(m) is nn.Linear} - {f"{n}.u" for n in pairs}
+            moments = input_moments(self.model, calibration, wanted) if calibration is not None else {}
+            for name, layer in pairs.items():  # each input side GPTQ-rounded once, here; output factors refitted
+                side = name if type(layer) is nn.Linear else f"{name}.sv"
+                if side in moments and (type(layer) is nn.Linear or layer.rank):
+                    weight = _submodule(self.model, side).weight
+                    rounded[side] = gptq_int4(weight, moments[side].to(weight.device))
+                    if side != name:  # the output factor makes up for its input factor's rounding
+                        moments[f"{name}.u"] = refit_output_factor(layer, moments[side], rounded[side])
             if fused:
                 self.fuse()
+                for group in config.fused_groups:  # the shared matmul's rows are its members' input sides
+                    sides = {m if type(pairs[m]) is nn.Linear else f"{m}.sv": pairs[m] for m in group}
+                    if all(side in rounded for side in sides):
+                        rounded[f"{group[0]}.shared.proj"] = stack_rounded([(*rounded[side], m.out_features if type(
+                            m) is nn.Linear else m.rank) for side, m in sides.items()])  # fmt: skip
         head = self.model.get_output_embeddings()
         targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
-        small = {n: IntLinear.from_linear(m, quant_type, _moment_of(n, moments)) for n, m in targets
+        small = {n: IntLinear.from_linear(m, quant_type, _moment_of(n, moments), rounded.get(n)) for n, m in targets
                  if m.in_features and m.out_features}  # fmt: skip
         for name, layer in small.items():
             self.model.set_submodule(name, layer)
         config.int_quantization = {"quant_type": quant_type, "modules": list(small), "factors": rebalance}
+        if type(head) is nn.Linear:
+            self._quantize_head(head)
+
+    def _quantize_head(self, head: nn.Linear) -> None:
+        """The output head in int8 (see quantization.HEAD_TYPE); a tied input embedding then reads its rows."""
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        embedding = self.model.get_input_embeddings()
+        tied = getattr(embedding, "weight", None) is head.weight
+        small = IntLinear.from_linear(head, HEAD_TYPE)
+        self.model.set_submodule(name, small)
+        if tied:
+            self.model.set_input_embeddings(TiedIntEmbedding(small, head.weight.dtype))
+            # the base model must not tie (or expect) float weights when it is rebuilt from config.json
+            self.config.text_config.tie_word_embeddings = self.model.config.tie_word_embeddings = False
+        self.config.int_quantization.update(head=name, tied_embedding=tied)
 
 
 def _check_calibration(calibration, config) -> list[torch.Tensor]:
@@ -589,10 +634,14 @@ def _outside_num_params(model: "ACIPModel", full: bool) -> int:
         raise TypeError(f"full must be True or False, got {full!r}")
     if not full:
         return 0
-    inside = {id(p) for layer in model.acip_layers().values() for p in layer.parameters()}
+    layers = model.acip_layers().values()
+    inside = {id(p) for layer in layers for p in layer.parameters()}
     outside = [p for p in model.model.parameters() if id(p) not in inside]
     states = [getattr(p, "quant_state", None) for p in outside]  # 4-bit storage is packed: count logical weights
-    return sum(p.numel() if state is None else state.shape.numel() for p, state in zip(outside, states))
+    within = {id(m) for layer in layers for m in layer.modules()}
+    integers = [m for m in model.model.modules() if isinstance(m, IntLinear) and id(m) not in within]  # buffers
+    return sum(p.numel() if state is None else state.shape.numel() for p, state in zip(outside, states)) + sum(
+        m.in_features * m.out_features for m in integers)  # fmt: skip
 
 
 # With dtype="auto" a memory budget is planned in int8 when int8 keeps at least this size ratio of the target layers,
@@ -668,12 +717,15 @@ def _fixed_bytes(model: "ACIPModel", storage) -> int:
     layers = model.acip_layers().values()
     inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
     head = model.model.get_output_embeddings()
-    quantized = set()
+    quantized, heads = set(), set()
     if isinstance(storage, str):  # quantize() also turns the untargeted linear layers (not the head) to 4 bits
         quantized = {id(m.weight) for m in model.model.modules() if type(m) is nn.Linear and m is not head}
+    if storage in INT_TYPES and type(head) is nn.Linear:  # ... and, for the int types, the head to int8
+        heads = {id(head.weight)}
     outside = [t for t in [*model.model.parameters(), *model.model.buffers()] if id(t) not in inside]
     biases = [layer.bias for layer in layers if layer.bias is not None]
-    return sum(stored_bytes(t, storage, id(t) in quantized) for t in outside + biases)
+    return sum(tensor_bytes(t.numel(), HEAD_TYPE, t.shape[0]) if id(t) in heads else
+               stored_bytes(t, storage, id(t) in quantized) for t in outside + biases)  # fmt: skip
 
 
 # save_pretrained copies the Hub files next to config.json only for classes registered here; config.auto_map

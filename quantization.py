@@ -34,6 +34,9 @@ REFIT_RIDGE = 1e-6  # refit_output_factor's ridge, as a share of the mean diagon
 GPTQ_DAMPING = 0.1  # added to the input moment's diagonal, as a share of its mean: GPTQ's 0.01 over-fits a few
 # thousand calibration tokens (held-out output error of SmolLM2's layers lower at 0.1, docs/quantization.md)
 GPTQ_BLOCK = 128  # columns whose errors are passed on to the later ones at once
+HEAD_TYPE = "int8"  # the output head of an int-quantized model, whichever the decoder's type: a decode step of a small
+# model spends most of its time there in float32 (SmolLM2's 49152 x 576 head: 6.3 ms float32, 0.9 ms int8 on one
+# core), and 4 bits there cost quality (llama.cpp keeps its output layer at 6-8 bits too)
 
 
 def _has_cpu_kernels() -> bool:
@@ -152,13 +155,25 @@ def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, rows: int, c
     return ((q - 8) * scale + zero)[:rows, :cols].to(dtype)
 
 
+def stack_rounded(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of one input width rounded to int4 each on its own ((packed, scale_zero) and its real row count) ->
+    the (packed, scale_zero) of their rows stacked: what rounding the stacked weight gives, since each row is rounded
+    on its own (a fused group's shared matmul from its members' roundings)."""
+    q = torch.cat([packed[:rows] for packed, _, rows in parts])
+    scale_zero = torch.cat([constants[:, :rows] for _, constants, rows in parts], dim=1)
+    pad = padded(q.shape[0], INT4_ROWS) - q.shape[0]  # padding rows hold zeros, as quantize_int4's
+    return F.pad(q, (0, 0, 0, pad)).contiguous(), F.pad(scale_zero, (0, 0, 0, pad)).contiguous()
+
+
 @torch.no_grad()
-def refit_output_factor(pair: LowRankLinear, moment: torch.Tensor) -> torch.Tensor:
-    """For a balanced pair whose input factor V GPTQ will round to V̂ (inputs of second moment ``moment``, H): set the
-    output factor to the U' for which U'·V̂x is closest to U·Vx on such inputs (least squares, U' = U·(V·H·V̂ᵀ)·
-    (V̂·H·V̂ᵀ)⁻¹), so that U makes up for V's rounding; returns V̂·H·V̂ᵀ, the second moment of U's inputs then."""
+def refit_output_factor(pair: LowRankLinear, moment: torch.Tensor,
+                        rounded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """For a balanced pair whose input factor V is rounded to V̂ (``rounded``: :func:`gptq_int4`'s output for it,
+    inputs of second moment ``moment``, H): set the output factor to the U' for which U'·V̂x is closest to U·Vx on
+    such inputs (least squares, U' = U·(V·H·V̂ᵀ)·(V̂·H·V̂ᵀ)⁻¹), so that U makes up for V's rounding; returns V̂·H·V̂ᵀ,
+    the second moment of U's inputs then."""
     v, h, u = pair.sv.weight.double(), moment.double().to(pair.sv.weight.device), pair.u.weight.double()
-    v_hat = dequantize_int4(*gptq_int4(pair.sv.weight, h), pair.rank, pair.in_features, torch.float64)
+    v_hat = dequantize_int4(*rounded, pair.rank, pair.in_features, torch.float64)
     own = v_hat @ h @ v_hat.T  # (r, r)
     cross = v @ h @ v_hat.T  # (r, r)
     ridge = REFIT_RIDGE * own.diagonal().mean() * torch.eye(pair.rank, dtype=own.dtype, device=own.device)
@@ -168,9 +183,10 @@ def refit_output_factor(pair: LowRankLinear, moment: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def input_moments(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """The second moment ``E[x·xᵀ]`` (in, in) of the inputs of every nn.Linear of ``model`` called as a module, by
-    name, over the token id batches ``batches`` (each (B, T)): what :func:`gptq_int4` needs."""
+def input_moments(model: nn.Module, batches, names=None) -> dict[str, torch.Tensor]:
+    """The second moment ``E[x·xᵀ]`` (in, in) of the inputs of every nn.Linear of ``model`` called as a module (or of
+    those in ``names``), by name, over the token id batches ``batches`` (each (B, T)): what :func:`gptq_int4` needs.
+    ``model`` is a causal LM: only the last position's logits are computed (the head's inputs are not wanted)."""
     sums, counts, hooks = {}, {}, []
     leader = {}  # layer name -> the layer whose moment it shares: layers that read the very same input (q, k, v)
     seen = []  # (input, name) of this batch; kept alive so that the identity check stays sound
@@ -190,14 +206,14 @@ def input_moments(model: nn.Module, batches) -> dict[str, torch.Tensor]:
         return accumulate
 
     for name, module in model.named_modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and (names is None or name in names):
             hooks.append(module.register_forward_pre_hook(hook(name)))
     training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         for ids in batches:
-            model(ids.to(device))
+            model(ids.to(device), logits_to_keep=1)  # the logits of every position would cost a fifth of the pass
             seen.clear()
     finally:
         model.train(training)
@@ -285,16 +301,19 @@ class IntLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, quant_type: str, moment: torch.Tensor | None = None) -> "IntLinear":
+    def from_linear(cls, linear: nn.Linear, quant_type: str, moment: torch.Tensor | None = None,
+                    rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> "IntLinear":  # fmt: skip
         """A quantized copy of ``linear`` (plain float nn.Linear), on its device; the bias keeps its dtype. With the
-        second moment of its inputs (``moment``, see :func:`input_moments`), int4 is rounded by :func:`gptq_int4`."""
+        second moment of its inputs (``moment``, see :func:`input_moments`), int4 is rounded by :func:`gptq_int4`;
+        ``rounded``: that rounding, already made (int4)."""
         weight = linear.weight
         with torch.device("meta"):
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type)
         if quant_type == "int8":
             layer.qweight, layer.scale = quantize_int8(weight)
         else:
-            rounded = quantize_int4(weight) if moment is None else gptq_int4(weight, moment.to(weight.device))
+            if rounded is None:
+                rounded = quantize_int4(weight) if moment is None else gptq_int4(weight, moment.to(weight.device))
             layer.qweight, layer.scale_zero = (t.to(weight.device) for t in rounded)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -373,3 +392,28 @@ class IntLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}"
+
+
+class TiedIntEmbedding(nn.Module):
+    """The input embedding of a model whose int8 output head was tied to it: each token's row is read from the head's
+    int8 weights and scaled, so the table is stored once, in int8 (``quantize("int8"/"int4")`` of a tied model)."""
+
+    def __init__(self, head: IntLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(head, IntLinear) or head.quant_type != "int8":
+            raise ValueError(f"head must be an int8 IntLinear, got {head!r}")
+        # Not a submodule: the head's tensors are saved, moved and counted once, as the head's.
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(..., T) token ids -> (..., T, hidden) embeddings in this module's dtype."""
+        rows = self.head.qweight[input_ids][..., : self.embedding_dim]  # (..., T, H) int8
+        return rows.to(self.dtype) * self.head.scale[input_ids].to(self.dtype)[..., None]
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # .to(dtype) / .half() reach the output dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the int8 head"

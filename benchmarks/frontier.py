@@ -11,8 +11,8 @@ per group, the plain min/max range, weights rounded and evaluated in float32 —
 nf4 (block 64, float32 absmax); the project's int8 / int4 (quantization.py) applied to the dense layers; HQQ
 (``hqq`` package, 4/3/2 bits, groups of 64) when it is installed and runs here. ACIP rows: every size of
 --ratios, compressed, then float16 (weights rounded to float16, evaluated in float32), int8, int4 and nf4.
-"int4-gptq" rows (dense and ACIP): int4 rounded by GPTQ (quantize("int4", calibration=...)) on 16 windows of 512
-tokens of wiki-train (training text, not evaluation text).
+"int4-gptq" rows (dense and ACIP): int4 rounded by GPTQ (quantize("int4", calibration=...)) on the text ``acip
+export`` calibrates with (48 windows of 512 tokens of wiki-train: training text, not evaluation text).
 
 Perplexity on the first 16 windows of 512 tokens of each source (acip.evaluation.DEFAULT_DATA), float32 compute
 (the int rows: bfloat16 activations, as their kernels run). Every row is cached in --root/frontier.json as it
@@ -25,6 +25,7 @@ finishes, so a run can be stopped and resumed; --rows picks rows by glob pattern
 import argparse
 import copy
 import fnmatch
+import functools
 import json
 import math
 import time
@@ -37,13 +38,15 @@ from acip import ACIPModel
 from acip.data import load_blocks
 from acip.default_model import load_default_model
 from acip.evaluation import DEFAULT_DATA, perplexity
+from acip.export import CALIBRATION as EXPORT_CALIBRATION
+from acip.export import CALIBRATION_BLOCKS
 from acip.hub.quantization import IntLinear, input_moments
 from acip.memory import model_bytes
 
-RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+RATIOS = (0.95, 0.9, 0.88, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # finer near 4.3 bits, where llama.cpp stops
 ACIP_QUANTS = ("float16", "int8", "int4", "int4-gptq", "nf4")
 DENSE_ROWS = ("float32", "rtn8", "rtn4", "rtn3", "rtn2", "nf4", "int8", "int4", "int4-gptq", "hqq4", "hqq3", "hqq2")
-CALIBRATION = ("wiki-train", 16)  # the "-gptq" rows' calibration: this many 512-token windows of this source
+CALIBRATION = (EXPORT_CALIBRATION, CALIBRATION_BLOCKS)  # the "-gptq" rows': as acip export calibrates
 BUDGETS = (8.5, 6.0, 5.0, 4.5, 4.3, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
 GROUP = 64
 
@@ -95,25 +98,27 @@ def layer_bits_bytes(layer: nn.Module) -> int:
     return total - sum(b.numel() * b.element_size() for b in bias if b.data_ptr() in biases)
 
 
-def rest_params(model: nn.Module, layers: list[nn.Module]) -> int:
-    """Parameters outside ``layers`` (tied ones once)."""
+def rest_bytes(model: nn.Module, layers: list[nn.Module]) -> int:
+    """Bytes outside ``layers`` (tied tensors once): float parameters at 2 bytes each (stored in float16), integer
+    tensors (an int8 head's) as they are."""
     inside = {t.data_ptr() for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in inside and p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in inside and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * (2 if t.is_floating_point() and t.element_size() > 2 else t.element_size())
     return total
 
 
 def sizes(model: nn.Module, layers: list[nn.Module], dense_weights: int, bytes_override: int | None = None) -> dict:
     """bits per dense weight and model MB of a model whose decoder layers are ``layers``."""
     stored = bytes_override if bytes_override is not None else sum(layer_bits_bytes(m) for m in layers)
-    return {"bits": 8 * stored / dense_weights, "model_mb": (stored + 2 * rest_params(model, layers)) / 1e6}
+    return {"bits": 8 * stored / dense_weights, "model_mb": (stored + rest_bytes(model, layers)) / 1e6}
 
 
+@functools.cache  # one tokenization of the calibration text per run, not one per ACIP size
 def calibration(tokenizer) -> torch.Tensor:
-    """The "-gptq" rows' calibration token ids, (16, 512)."""
+    """The "-gptq" rows' calibration token ids, (48, 512)."""
     source, blocks = CALIBRATION
     return load_blocks(source, tokenizer, 512, blocks)
 

@@ -76,6 +76,37 @@ def test_quantized_model_is_close_and_reloads(kind, quant_type, tmp_path):
     torch.testing.assert_close(logits(reloaded), quantized, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied and untied embeddings
+def test_the_head_is_int8_and_a_tied_embedding_reads_it(kind, tmp_path):
+    from acip.hub.quantization import TiedIntEmbedding
+
+    model = tiny_acip_model(kind).prune_model_by_score(0.6).compress()
+    tied = model.config.text_config.tie_word_embeddings
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    params = model.get_num_params(full=True)
+    model.quantize("int8")  # int8 keeps the aligned pairs: the same parameter count
+    head = model.get_output_embeddings()
+    assert isinstance(head, IntLinear) and head.quant_type == "int8"
+    assert model.config.int_quantization["head"] == "lm_head"
+    assert model.get_num_params(full=True) == params
+    if tied:
+        assert isinstance(model.get_input_embeddings(), TiedIntEmbedding)
+        assert not any("embed_tokens" in key for key in model.state_dict())
+        ids = torch.tensor([[0, 5, 7]])
+        rows = model.get_input_embeddings()(ids)
+        assert rows.dtype == torch.float32 and rows.shape == (1, 3, embedding.shape[1])
+        assert float((rows[0] - embedding[ids[0]]).abs().max()) <= float(embedding.abs().max()) / 127
+        assert model.to(torch.bfloat16).get_input_embeddings()(ids).dtype == torch.bfloat16
+        model.float()
+    else:
+        assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(reloaded.get_input_embeddings()).__name__ == type(model.get_input_embeddings()).__name__
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("quant_type", ["int8", "int4"])
 def test_fused_model_quantizes_and_reloads(quant_type, tmp_path):
     model = tiny_acip_model("qwen2").prune_model_by_score(0.5).compress().fuse()
@@ -189,6 +220,21 @@ def test_calibrated_int4_is_closer_and_reloads(kind, fuse, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     torch.testing.assert_close(logits(reloaded, ids), calibrated, atol=1e-5, rtol=0)
+
+
+def test_a_fused_group_is_rounded_as_its_members_are():
+    plain = tiny_acip_model("qwen2").prune_model_by_score(0.6).compress()
+    fused = copy.deepcopy(plain).fuse()
+    calibration = list(torch.randint(0, plain.config.text_config.vocab_size, (4, 24),
+                                     generator=torch.Generator().manual_seed(2)).split(2))  # fmt: skip
+    plain.quantize("int4", calibration=calibration)
+    fused.quantize("int4", calibration=calibration)
+    assert fused.config.fused_groups
+    for group in fused.config.fused_groups:
+        sides = [plain.model.get_submodule(m) for m in group]
+        sides = [side if isinstance(side, IntLinear) else side.sv for side in sides]
+        proj = fused.model.get_submodule(f"{group[0]}.shared.proj")
+        torch.testing.assert_close(proj.dequantized(), torch.cat([s.dequantized() for s in sides]), atol=0, rtol=0)
 
 
 def test_calibration_errors_name_the_argument_and_change_nothing():
