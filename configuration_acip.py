@@ -61,6 +61,9 @@ class ACIPConfig(PretrainedConfig):
             heads were) whose rows the input embedding reads (``"tied_embedding"``: the two were tied):
             ``{"quant_type": ..., "modules": [...], "factors": bool, "head": str | None, "tied_embedding": bool}``.
             (bitsandbytes 4-bit is recorded in transformers' own ``quantization_config``.)
+        balanced_factors: whether the compressed layers are stored as two balanced plain factors whatever the
+            rank_cost (``quantize()`` to 4 bits, "nf4", "fp4" or "int4", stores them so: a gauge-aligned pair does not
+            survive 4-bit rounding; quantization.balanced).
     """
 
     model_type = "acip"
@@ -83,6 +86,7 @@ class ACIPConfig(PretrainedConfig):
         lora_rank: int = 0,
         selection: str = "ranked",
         int_quantization: dict | None = None,
+        balanced_factors: bool = False,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -123,6 +127,7 @@ class ACIPConfig(PretrainedConfig):
         ):  # fmt: skip
             raise ValueError(f"int_quantization must be {{'quant_type': one of {INT_TYPES}, 'modules': [names]}} or "
                              f"None, got {int_quantization!r}")  # fmt: skip
+        self.balanced_factors = bool(balanced_factors)
         self.int_quantization = None if int_quantization is None else {
             "quant_type": int_quantization["quant_type"], "modules": list(int_quantization["modules"]),
             "factors": bool(int_quantization.get("factors", False)), "head": int_quantization.get("head"),

@@ -220,8 +220,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
                              correction_ramp=config.correction_ramp, lora_rank=config.lora_rank, **like)  # fmt: skip
         if name in self.config.dense_modules:
             return nn.Linear(**shape, **like)
-        # quantize("int8"/"int4") stores a compressed model's factors as balanced plain pairs
-        plain = (self.config.int_quantization or {}).get("factors", False)
+        # quantize() to 4 bits stores a compressed model's factors as balanced plain pairs (int_quantization's
+        # "factors" is how int4 models recorded it before balanced_factors)
+        plain = self.config.balanced_factors or (self.config.int_quantization or {}).get("factors", False)
         factors = AlignedLowRankLinear if self.config.rank_cost == "aligned" and not plain else LowRankLinear
         return factors(**shape, rank=self.config.layer_ranks[name], **like)
 
@@ -470,6 +471,12 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             self._quantize_int(quant_type, calibration)
             return self
         compute_dtype = compute_dtype or self.dtype
+        if self.config.compressed:  # 4-bit rounding needs the balanced form (see quantization.balanced)
+            fused = bool(self.config.fused_groups)
+            self._balance_factors()
+            if fused:
+                self.fuse()
+            targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
         for name, linear in targets:
             self.model.set_submodule(name, to_4bit(linear, quant_type, compute_dtype))
         self.config.quantization_config = BitsAndBytesConfig(
@@ -497,13 +504,7 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         rebalance = config.compressed and quant_type == "int4"
         moments, rounded = {}, {}  # rounded: int4 roundings (gptq_int4's output) made already, by module name
         if rebalance:
-            if fused:
-                self.unfuse()
-            pairs = {name: balanced(layer) for name, layer in self.acip_layers().items()}
-            for name, layer in pairs.items():
-                self.model.set_submodule(name, layer)
-            config.layer_ranks = {n: m.rank for n, m in pairs.items() if type(m) is not nn.Linear}
-            config.dense_modules = [n for n, m in pairs.items() if type(m) is nn.Linear]
+            pairs = self._balance_factors()
             # unfused, every factor is a module of its own: its inputs can be observed (a fused model's are not)
             # wanted: the input sides and the untargeted layers (an output factor's moment is computed from its input
             # side's, below, and the head is rounded to nearest)
@@ -532,6 +533,23 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         config.int_quantization = {"quant_type": quant_type, "modules": list(small), "factors": rebalance}
         if type(head) is nn.Linear:
             self._quantize_head(head)
+
+    def _balance_factors(self) -> dict[str, nn.Module]:
+        """Rewrite every compressed layer as balanced plain factors (or dense where those would not be smaller; see
+        quantization.balanced), recorded in the config; a fused model is unfused for it and left so (the caller fuses
+        it again). Returns the new layers by name."""
+        config = self.config
+        for name in config.target_modules:  # checked before anything changes
+            _check_plain_layers(name, _submodule(self.model, name))
+        if config.fused_groups:
+            self.unfuse()
+        pairs = {name: balanced(layer) for name, layer in self.acip_layers().items()}
+        for name, layer in pairs.items():
+            self.model.set_submodule(name, layer)
+        config.layer_ranks = {n: m.rank for n, m in pairs.items() if type(m) is not nn.Linear}
+        config.dense_modules = [n for n, m in pairs.items() if type(m) is nn.Linear]
+        config.balanced_factors = True
+        return pairs
 
     def _quantize_head(self, head: nn.Linear) -> None:
         """The output head in int8 (see quantization.HEAD_TYPE); a tied input embedding then reads its rows."""

@@ -135,10 +135,10 @@ def tensor_bytes(numel, storage, rows=1):
 
 def layer_bytes(rank, in_features, out_features, storage, rule="aligned"):
     """Bytes of a layer's weights compressed to ``rank`` (bias excluded), by the same rule as :func:`rank_cost`; in
-    int4 by the form quantize("int4") stores them in whatever the rule: two balanced plain factors, or dense where
-    those would not be smaller."""
+    4 bits (int4, nf4, fp4) by the form quantize() stores them in whatever the rule: two balanced plain factors, or
+    dense where those would not be smaller."""
     dense = tensor_bytes(in_features * out_features, storage, out_features)
-    if storage == "int4":
+    if storage == "int4" or storage in BNB_TYPES:
         factors = tensor_bytes(rank * in_features, storage, rank) + tensor_bytes(rank * out_features, storage,
                                                                                  out_features)  # fmt: skip
         is_dense = is_dense_rank(rank, in_features, out_features, "factors")

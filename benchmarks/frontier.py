@@ -9,7 +9,9 @@ MB: those bytes plus everything else (embeddings, norms; the head is tied) at 16
 Dense rows: float32; round-to-nearest ("rtn<b>": asymmetric, groups of 64 along a row, a float16 scale and offset
 per group, the plain min/max range, weights rounded and evaluated in float32 — the issue's protocol); bitsandbytes
 nf4 (block 64, float32 absmax); the project's int8 / int4 (quantization.py) applied to the dense layers; HQQ
-(``hqq`` package, 4/3/2 bits, groups of 64) when it is installed and runs here. ACIP rows: every size of
+(``hqq`` package, 4/3/2 bits, groups of 64) when it is installed and runs here; llama.cpp's own quantizations
+(``llama-cpp-python``, when it is installed: the embedded GGUF file requantized, evaluated by llama.cpp on the same
+token windows). ACIP rows: every size of
 --ratios, compressed, then float16 (weights rounded to float16, evaluated in float32), int8, int4 and nf4.
 "int4-gptq" rows (dense and ACIP): int4 rounded by GPTQ (quantize("int4", calibration=...)) on the text ``acip
 export`` calibrates with (48 windows of 512 tokens of wiki-train: training text, not evaluation text).
@@ -45,6 +47,7 @@ from acip.memory import model_bytes
 
 RATIOS = (0.95, 0.9, 0.88, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # finer near 4.3 bits, where llama.cpp stops
 ACIP_QUANTS = ("float16", "int8", "int4", "int4-gptq", "nf4")
+LLAMA_CPP_TYPES = ("Q8_0", "Q4_K_M", "Q3_K_M", "IQ4_XS", "Q2_K")  # llama.cpp's own, where llama-cpp-python builds
 DENSE_ROWS = ("float32", "rtn8", "rtn4", "rtn3", "rtn2", "nf4", "int8", "int4", "int4-gptq", "hqq4", "hqq3", "hqq2")
 CALIBRATION = (EXPORT_CALIBRATION, CALIBRATION_BLOCKS)  # the "-gptq" rows': as acip export calibrates
 BUDGETS = (8.5, 6.0, 5.0, 4.5, 4.3, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
@@ -53,7 +56,8 @@ GROUP = 64
 
 def all_rows(ratios) -> list[str]:
     """Every row name, dense first."""
-    return [f"dense-{r}" for r in DENSE_ROWS] + [f"acip-{ratio}-{q}" for ratio in ratios for q in ACIP_QUANTS]
+    dense = [f"dense-{r}" for r in DENSE_ROWS] + [f"dense-llamacpp-{t}" for t in LLAMA_CPP_TYPES]
+    return dense + [f"acip-{ratio}-{q}" for ratio in ratios for q in ACIP_QUANTS]
 
 
 @torch.no_grad()
@@ -190,6 +194,59 @@ def evaluate(model, windows: dict) -> dict:
     return result
 
 
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python imports (it builds llama.cpp from source at install: not a requirement)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # missing, or its shared library failed to load
+        return False
+    return True
+
+
+def llama_cpp_row(kind: str, windows: dict, dense_weights: int) -> dict:
+    """llama.cpp's quantization ``kind`` (e.g. "Q2_K") of the embedded GGUF file, requantized from its Q4_1 by
+    llama.cpp itself, and its perplexity computed by llama.cpp on the same token windows (each window on its own,
+    its first token context only, as :func:`acip.evaluation.perplexity`). Bits: the stored bytes of the decoder's
+    2-D weights in the quantized file; model MB: the file."""
+    import ctypes
+    import os
+    import tempfile
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    from acip.default_model import GGUF_FILE, smollm2_dir
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="acip-frontier-") as tmp:
+        path = os.path.join(tmp, f"{kind}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+        params.allow_requantize, params.nthread = True, threads
+        source = os.path.join(smollm2_dir(), GGUF_FILE).encode()
+        if llama_cpp.llama_model_quantize(source, path.encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize the GGUF file to {kind}")
+        stored = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and
+                     len(t.shape) == 2)  # fmt: skip
+        size = os.path.getsize(path)
+        llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, logits_all=True, n_threads=threads,
+                              verbose=False)  # fmt: skip
+        start, ppl = time.perf_counter(), {}
+        for source_name, blocks in windows.items():
+            total, count = 0.0, 0
+            for ids in blocks.tolist():
+                llm.reset()
+                llm.eval(ids)
+                logits = torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float32))  # (T - 1, V)
+                total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+                count += len(ids) - 1
+            ppl[source_name] = math.exp(total / count)
+        llm.close()
+    return {"bits": 8 * stored / dense_weights, "model_mb": size / 1e6, "ppl": ppl,
+            "eval_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
 def hqq_available() -> bool:
     """Whether the hqq package imports."""
     try:
@@ -245,6 +302,7 @@ def plot(results: dict, sources, path: Path) -> None:
             # acip-<ratio>-<quant>: one curve per quant; dense-<quantizer><bits>: one per quantizer
             family = name.split("-", 2)[2] if name.startswith("acip") else "dense " + name.split("-", 1)[1].rstrip(
                 "0123456789")  # fmt: skip
+            family = "llama.cpp" if name.startswith("dense-llamacpp-") else family
             label = f"ACIP {family}" if name.startswith("acip") else family
             groups.setdefault(label, []).append((r["bits"], r["ppl"][source] / dense["ppl"][source]))
         for label, points in sorted(groups.items()):
@@ -293,14 +351,19 @@ def main() -> None:
         print(f"{row}: {result}", flush=True)
 
     wanted = [r for r in all_rows(args.ratios) if any(fnmatch.fnmatch(r, p) for p in args.rows)]
-    todo = [r for r in wanted if r not in results and (not r.startswith("dense-hqq") or hqq_available())]
+    todo = [r for r in wanted if r not in results and (not r.startswith("dense-hqq") or hqq_available()) and
+            (not r.startswith("dense-llamacpp-") or llama_cpp_available())]  # fmt: skip
     if todo:
         model, tokenizer = load_default_model(torch.float32)
         dense_weights = sum(m.weight.numel() for m in decoder_linears(model).values())
         del model
         windows = {s: load_blocks(s, tokenizer, 512, args.max_blocks) for s in DEFAULT_DATA}
         for row in [r for r in todo if r.startswith("dense-")]:
-            done(row, dense_row(row.split("-", 1)[1], windows, dense_weights))
+            kind = row.split("-", 1)[1]
+            if kind.startswith("llamacpp-"):
+                done(row, llama_cpp_row(kind.split("-", 1)[1], windows, dense_weights))
+            else:
+                done(row, dense_row(kind, windows, dense_weights))
         for ratio in args.ratios:
             quants = [q for q in ACIP_QUANTS if f"acip-{ratio}-{q}" in todo]
             if quants:

@@ -291,7 +291,8 @@ def test_quantize_compressed_model(quant_type, tmp_path):
     print(f"\n{quant_type} relative logit error: {error:.4f}")
     assert error < 0.2
     assert _weight_bytes(model) < 0.6 * size
-    assert model.get_size_ratio() == pytest.approx(0.6, abs=0.01)  # counts logical parameters
+    # balanced plain factors (a gauge-aligned pair does not survive 4-bit rounding) hold more logical parameters
+    assert model.config.balanced_factors and 0.6 <= model.get_size_ratio() < 0.8
     layer = model.acip_layers()["model.layers.0.self_attn.q_proj"]
     assert type(layer.sv).__name__ == "Linear4bit" and not layer.sv.support_avx512bf16_for_cpu
 
