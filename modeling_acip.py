@@ -196,8 +196,9 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         if config.int_quantization is not None:
             quantized = config.int_quantization
             head = quantized["head"]  # None in models quantized before heads were
-            types = {**{name: quantized["quant_type"] for name in quantized["modules"]}, **({head: HEAD_TYPE} if head
-                     else {})}  # fmt: skip
+            types = dict.fromkeys(quantized["modules"], quantized["quant_type"])
+            if head is not None:
+                types[head] = HEAD_TYPE
             for name, quant_type in types.items():
                 linear = self.model.get_submodule(name)
                 self.model.set_submodule(name, IntLinear(linear.in_features, linear.out_features, linear.bias is not
@@ -465,8 +466,6 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         if quant_type in INT_TYPES and compute_dtype is not None:
             raise ValueError(f"compute_dtype applies to {BNB_TYPES} only; quant_type={quant_type!r} computes in "
                              "bfloat16 with torch's kernels")  # fmt: skip
-        head = self.model.get_output_embeddings()
-        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
         if quant_type in INT_TYPES:
             self._quantize_int(quant_type, calibration)
             return self
@@ -476,7 +475,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
             self._balance_factors()
             if fused:
                 self.fuse()
-            targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
+        head = self.model.get_output_embeddings()
+        targets = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear and m is not head]
         for name, linear in targets:
             self.model.set_submodule(name, to_4bit(linear, quant_type, compute_dtype))
         self.config.quantization_config = BitsAndBytesConfig(
@@ -495,12 +495,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         aligned pair (perplexity of the quick preset at 0.5 within 1% of float16, measured), which stores fewer
         weights."""
         config, fused = self.config, bool(self.config.fused_groups)
-        if fused:
-            for name in config.target_modules:  # checked before anything changes
-                _check_plain_layers(name, _submodule(self.model, name))
-        else:
-            for name, layer in self.acip_layers().items():
-                _check_plain_layers(name, layer)
+        for name, layer in self.acip_layers().items():  # checked before anything changes (fused members too)
+            _check_plain_layers(name, layer)
         rebalance = config.compressed and quant_type == "int4"
         moments, rounded = {}, {}  # rounded: int4 roundings (gptq_int4's output) made already, by module name
         if rebalance:
@@ -539,8 +535,8 @@ class ACIPModel(ACIPPreTrainedModel, GenerationMixin):
         quantization.balanced), recorded in the config; a fused model is unfused for it and left so (the caller fuses
         it again). Returns the new layers by name."""
         config = self.config
-        for name in config.target_modules:  # checked before anything changes
-            _check_plain_layers(name, _submodule(self.model, name))
+        for name, layer in self.acip_layers().items():  # checked before anything changes
+            _check_plain_layers(name, layer)
         if config.fused_groups:
             self.unfuse()
         pairs = {name: balanced(layer) for name, layer in self.acip_layers().items()}
